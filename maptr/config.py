@@ -1,0 +1,221 @@
+"""Typed view of ``params.yaml``: one dataclass per section, filled and type-checked from the file.
+
+Every stage script reads its own section with :func:`load_section`; a wrong type, an unknown key or an
+unknown preset raises :class:`ParamsError` naming the file, the key and the fix, so a typo in
+``params.yaml`` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be turned into a config: names the file, the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class SynthConfig:
+    seed: int = 0
+    version: str = "v1.0-trainval"
+    train_scenes: int = 60
+    val_scenes: int = 12
+    samples_per_scene: int = 20
+    image_width: int = 480
+    image_height: int = 270
+    jpeg_quality: int = 90
+
+
+@dataclass
+class PackConfig:
+    dataroot: str = "data/nuscenes"
+    version: str = "v1.0-trainval"
+    pc_range: list[float] = field(default_factory=lambda: [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
+    classes: list[str] = field(default_factory=lambda: ["divider", "ped_crossing", "boundary"])
+    sample_dist: float = 1.0
+
+
+@dataclass
+class CriterionConfig:
+    """Loss and matching weights (the guide's MapTRCriterion / MapTRAssigner)."""
+
+    cls_weight: float = 2.0
+    pts_weight: float = 5.0
+    dir_weight: float = 0.005
+    bev_seg_weight: float = 1.0
+    bev_seg_pos_weight: float = 4.0
+    pv_seg_weight: float = 2.0
+    pv_seg_pos_weight: float = 1.0
+    one2many_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    match_cls_cost: float = 2.0
+    match_pts_cost: float = 5.0
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one preset (``model.presets.<name>`` in params.yaml)."""
+
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
+    feature_stride: int = 32  # stride of the single FPN level the BEV encoder samples
+    embed_dims: int = 128
+    num_heads: int = 4
+    ffn_dims: int = 256
+    image_size: list[int] = field(default_factory=lambda: [352, 128])  # network input [W, H]
+    bev_h: int = 50  # BEV rows, along y (forward)
+    bev_w: int = 25  # BEV columns, along x (right)
+    num_points_in_pillar: int = 4
+    encoder_layers: int = 1
+    encoder_sca_points: int = 8
+    encoder_tsa_points: int = 4
+    decoder_layers: int = 2
+    decoder_points: int = 4
+    num_vec_one2one: int = 50
+    num_vec_one2many: int = 150
+    k_one2many: int = 3
+    num_pts_per_vec: int = 20
+    dropout: float = 0.1
+    bev_seg: bool = True
+    pv_seg: bool = True
+    max_num: int = 50
+    post_center_range: list[float] = field(default_factory=lambda: [-20.0, -35.0, 20.0, 35.0])
+    # Filled from other sections / top-level model keys, not from the preset block:
+    preset: str = "tiny"
+    pretrained: str = ""
+    pc_range: list[float] = field(default_factory=lambda: [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
+    num_classes: int = 3
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and type checking
+# --------------------------------------------------------------------------------------------------
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read a params file; a missing or malformed file raises :class:`ParamsError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the repository root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at top level, got {type(data).__name__}")
+    data["__file__"] = str(path)
+    return data
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to type ``tp`` (int -> float widening only) or raise ParamsError."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_value(value, option, where)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(errors[0])
+    if tp is type(None):
+        if value is not None:
+            raise ParamsError(f"{where}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    raise ParamsError(f"{where}: unsupported type {tp}")  # a programming error, reported the same way
+
+
+def from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors naming ``where``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
+    kwargs = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_section(params: dict[str, Any], name: str, cls: type[T]) -> T:
+    """The typed config of section ``name`` of a loaded params dict."""
+    where = f"{params.get('__file__', 'params.yaml')}: {name}"
+    if name not in params:
+        raise ParamsError(f"{where}: section missing (add a `{name}:` section to params.yaml)")
+    return from_dict(cls, params[name], where)
+
+
+def load_model_config(params: dict[str, Any]) -> ModelConfig:
+    """The model preset chosen by ``model.preset``, with pc_range and classes from the ``pack`` section."""
+    file = params.get("__file__", "params.yaml")
+    model = params.get("model")
+    if not isinstance(model, dict):
+        raise ParamsError(f"{file}: model: section missing or not a mapping")
+    presets = model.get("presets")
+    if not isinstance(presets, dict) or not presets:
+        raise ParamsError(f"{file}: model.presets: expected a mapping of named presets (tiny, r50)")
+    preset = model.get("preset")
+    if preset not in presets:
+        raise ParamsError(f"{file}: model.preset: unknown preset {preset!r}; choose one of {sorted(presets)}")
+    extra = sorted(set(model) - {"preset", "presets", "pretrained", "criterion"})
+    if extra:
+        raise ParamsError(f"{file}: model: unknown key(s) {extra}; per-preset knobs go under model.presets")
+    cfg = from_dict(ModelConfig, presets[preset], f"{file}: model.presets.{preset}")
+    cfg.preset = preset
+    cfg.pretrained = _check_value(model.get("pretrained", ""), str, f"{file}: model.pretrained")
+    cfg.criterion = from_dict(CriterionConfig, model.get("criterion"), f"{file}: model.criterion")
+    pack = load_section(params, "pack", PackConfig)
+    cfg.pc_range = pack.pc_range
+    cfg.num_classes = len(pack.classes)
+    _validate_model(cfg, f"{file}: model.presets.{preset}")
+    return cfg
+
+
+def _validate_model(cfg: ModelConfig, where: str) -> None:
+    if cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
+        raise ParamsError(f"{where}.backbone: {cfg.backbone!r} is not one of resnet18, resnet34, resnet50")
+    if cfg.feature_stride not in (8, 16, 32):
+        raise ParamsError(f"{where}.feature_stride: must be 8, 16 or 32, got {cfg.feature_stride}")
+    if cfg.embed_dims % cfg.num_heads:
+        raise ParamsError(f"{where}: embed_dims {cfg.embed_dims} must be divisible by num_heads {cfg.num_heads}")
+    if len(cfg.image_size) != 2 or any(s % 32 for s in cfg.image_size):
+        raise ParamsError(f"{where}.image_size: expected [W, H], both multiples of 32, got {cfg.image_size}")
+    if len(cfg.pc_range) != 6:
+        raise ParamsError(f"{where}: pack.pc_range must have 6 numbers [x0, y0, z0, x1, y1, z1]")
