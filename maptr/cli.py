@@ -20,8 +20,9 @@ class UserError(RuntimeError):
 def user_error_types() -> tuple[type[BaseException], ...]:
     from maptr.data.packing import PackError
     from maptr.data.records import CorruptRecordError
+    from maptr.training.checkpoint import CheckpointError
 
-    return (ParamsError, UserError, PackError, CorruptRecordError, FileNotFoundError)
+    return (ParamsError, UserError, PackError, CorruptRecordError, CheckpointError, FileNotFoundError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -48,6 +48,30 @@ class PackConfig:
 
 
 @dataclass
+class TrainConfig:
+    """A training run (the guide's float_trainer); section ``float`` (and the base of ``qat``)."""
+
+    seed: int = 0
+    epochs: int = 4
+    batch_size: int = 2
+    lr: float = 6.0e-4
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    warmup_ratio: float = 0.3333333
+    min_lr_ratio: float = 1.0e-3
+    grad_clip: float = 35.0
+    num_workers: int = 2
+    augment: bool = True
+    sync_bn: bool = False
+    bf16: bool = False
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    val_batch_size: int = 4
+    ckpt_every_steps: int = 100  # resume checkpoint inside an epoch
+    log_every_steps: int = 10
+
+
+@dataclass
 class CriterionConfig:
     """Loss and matching weights (the guide's MapTRCriterion / MapTRAssigner)."""
 
@@ -71,6 +95,7 @@ class ModelConfig:
 
     backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
     feature_stride: int = 32  # stride of the single FPN level the BEV encoder samples
+    backbone_max_stride: int = 32  # deepest ResNet stage used: 32 = all four, 16 drops layer4
     embed_dims: int = 128
     num_heads: int = 4
     ffn_dims: int = 256

@@ -37,6 +37,18 @@ class DatasetOptions:
     yuv: bool = False
     seed: int = 0
 
+    @classmethod
+    def from_model(cls, model_cfg, augment: bool = False, seed: int = 0) -> DatasetOptions:
+        """Sizes from a ``maptr.config.ModelConfig``: input image, BEV grid, points per instance."""
+        return cls(
+            image_size=tuple(model_cfg.image_size),
+            pc_range=tuple(model_cfg.pc_range),
+            num_pts=model_cfg.num_pts_per_vec,
+            bev_size=(model_cfg.bev_h, model_cfg.bev_w),
+            augment=augment,
+            seed=seed,
+        )
+
 
 def decode_jpeg(data: bytes, where: str) -> np.ndarray:
     """JPEG bytes -> (H, W, 3) uint8 RGB; undecodable bytes raise CorruptRecordError naming ``where``."""

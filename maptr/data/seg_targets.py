@@ -21,7 +21,9 @@ def _draw(mask: np.ndarray, lines: list[np.ndarray], thickness: int) -> None:
         cv2.polylines(mask, pts, isClosed=False, color=1, thickness=thickness, shift=SUBPIXEL_BITS)
 
 
-def bev_mask(vectors: list[np.ndarray], pc_range: list[float], bev_h: int, bev_w: int, thickness: int = 1) -> np.ndarray:
+def bev_mask(
+    vectors: list[np.ndarray], pc_range: list[float], bev_h: int, bev_w: int, thickness: int = 1
+) -> np.ndarray:
     """Rasterize polylines (K_i, 2) meters in the LiDAR frame to a (bev_h, bev_w) uint8 {0, 1} mask.
 
     Row i covers y = y0 + (i + 0.5) / bev_h * (y1 - y0), column j covers x likewise (see vectors.py).

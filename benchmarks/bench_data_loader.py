@@ -1,0 +1,66 @@
+"""Data loader throughput: the packed LMDB dataset (num_workers 0 and 2) vs decoding the same JPEGs from
+the nuScenes folder (what a loader without packing reads per sample).
+
+    python benchmarks/bench_data_loader.py --packed data/packed --dataroot data/nuscenes --samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from maptr.config import load_model_config, load_params
+from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
+from maptr.data.packing import CAMERAS, open_nuscenes
+
+
+def loader_rate(ds, n: int, workers: int, batch: int) -> float:
+    loader = DataLoader(Subset(ds, range(n)), batch_size=batch, num_workers=workers, collate_fn=collate)
+    start = time.perf_counter()
+    count = sum(len(b["meta"]) for b in loader)
+    return count / (time.perf_counter() - start)
+
+
+def folder_rate(dataroot: str, version: str, n: int) -> float:
+    """Per sample: resolve the six camera files through the devkit tables and decode them (no transforms)."""
+    nusc = open_nuscenes(dataroot, version)
+    start = time.perf_counter()
+    for sample in nusc.sample[:n]:
+        for cam in CAMERAS:
+            path = Path(dataroot) / nusc.get("sample_data", sample["data"][cam])["filename"]
+            img = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+            cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--packed", default="data/packed")
+    p.add_argument("--dataroot", default="data/nuscenes")
+    p.add_argument("--version", default="v1.0-trainval")
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--batch", type=int, default=4)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_model_config(load_params(args.params))
+    for augment in (False, True):
+        opts = DatasetOptions.from_model(cfg, augment=augment)
+        ds = PackedMapDataset(args.packed, "train", opts)
+        n = min(args.samples, len(ds))
+        for workers in (0, 2):
+            rate = loader_rate(ds, n, workers, args.batch)
+            print(f"packed LMDB, full item (decode+transforms+targets), augment={augment}, "
+                  f"num_workers={workers}: {rate:.1f} samples/s")  # fmt: skip
+    rate = folder_rate(args.dataroot, args.version, n)
+    print(f"nuScenes folder, devkit lookup + JPEG decode only: {rate:.1f} samples/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Chamfer-distance average precision of vectorized map elements (the MapTR benchmark), vectorized.
+
+The protocol, as MapTR's evaluation defines it:
+
+1. Every predicted and GT polyline is resampled to 100 points evenly spaced along its length.
+2. Chamfer distance of a (prediction, GT) pair = mean of the two directed mean nearest-point distances.
+3. Per class, predictions of the WHOLE dataset are taken in descending score; each one is compared
+   with its nearest GT (smallest chamfer distance) of the same class in the same sample. It is a true
+   positive when that distance is <= the threshold and that GT is not yet matched, else a false
+   positive (a prediction whose nearest GT is taken does NOT fall back to its second nearest).
+4. AP = area under the precision envelope (all-point interpolation: the precision made monotone
+   decreasing from the right, summed over the recall steps), recall = TP / number of GT of the class.
+5. AP of a class = mean over the thresholds 0.5, 1.0, 1.5 m; mAP = mean over ALL classes. A class
+   with no GT anywhere has AP 0 and still counts in the mean (MapTR's nuScenes evaluation does the
+   same: its per-class AP array is zero-initialized and averaged over every class).
+
+Deliberate differences from MapTR's code, none of which changes a TP/FP decision in practice:
+- Chamfer distances are computed for every pair; MapTR computes them only for pairs whose 2 m
+  flat-capped buffers intersect (others get 100 m). Pairs farther apart than 4 m have a chamfer
+  distance > 1.5 m anyway; only very short elements lying end to end could differ.
+- Ties in score are broken by sample order, then by position in the sample (a stable sort); MapTR's
+  unstable argsort leaves them arbitrary.
+
+Because step 3 only lets the FIRST candidate (distance <= threshold) claim a GT, the sequential greedy
+loop reduces to "a candidate is a TP iff it is the highest-scored candidate whose nearest GT is that
+GT", computed with one ``np.unique`` per class and threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+CLASS_NAMES = ("divider", "ped_crossing", "boundary")
+NUM_SAMPLE_POINTS = 100  # points per polyline for the chamfer distance (MapTR's num_fixed_sample_pts)
+DEFAULT_THRESHOLDS = (0.5, 1.0, 1.5)  # meters
+_RESAMPLE_CHUNK = 2048  # polylines per resampling call
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------------
+def resample_polylines(points: torch.Tensor, num: int = NUM_SAMPLE_POINTS) -> torch.Tensor:
+    """Points evenly spaced along the length of many polylines at once (``vectors.resample_polyline``
+    for a batch).
+
+    Polylines of different vertex counts are padded by repeating their last vertex: a zero-length tail
+    changes neither the length nor the resampled points.
+
+    Args:
+        points: (M, K, 2) vertices, K >= 1.
+        num: output points per polyline; the first and last vertices are kept exactly.
+    Returns:
+        (M, num, 2), same dtype as ``points``.
+    """
+    if points.shape[1] == 1:
+        points = points.expand(-1, 2, -1)  # a single vertex: a zero-length polyline
+    seg = (points[:, 1:] - points[:, :-1]).norm(dim=-1)  # (M, K-1)
+    cum = torch.cat([seg.new_zeros(seg.shape[0], 1), seg.cumsum(dim=1)], dim=1)  # (M, K)
+    unit = torch.linspace(0.0, 1.0, num, dtype=points.dtype, device=points.device)  # (num,)
+    t = unit[None] * cum[:, -1:]  # (M, num) target arc lengths
+    # Segment holding each target length: the last vertex whose cumulative length is <= t.
+    seg_idx = torch.searchsorted(cum.contiguous(), t.contiguous(), right=True) - 1  # (M, num)
+    seg_idx = seg_idx.clamp(0, cum.shape[1] - 2)
+    start = cum.gather(1, seg_idx)  # (M, num)
+    length = cum.gather(1, seg_idx + 1) - start  # (M, num)
+    frac = torch.where(length > 0, (t - start) / length.clamp_min(1e-12), torch.zeros_like(t)).clamp(0.0, 1.0)
+    idx = seg_idx[..., None].expand(-1, -1, 2)  # (M, num, 2)
+    p0 = points.gather(1, idx)  # (M, num, 2)
+    p1 = points.gather(1, idx + 1)  # (M, num, 2)
+    return p0 + frac[..., None] * (p1 - p0)
+
+
+def chamfer_distance_matrix(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Symmetric chamfer distance of every (prediction, GT) pair, from one distance matrix.
+
+    The (Np*S) x (Ng*S2) matrix of SQUARED distances is one matrix product (what ``torch.cdist`` does
+    internally for large inputs); the square root is taken after the two min-reductions (it is
+    monotone), on Np*Ng*(S+S2) numbers instead of the whole matrix: 1.6x faster than ``torch.cdist``
+    on CPU. Coordinates are centered on the GT first so that float32 rounding stays small (about 1e-5 m
+    on distances near the thresholds, up to ~1e-3 m for coincident curves).
+
+    Args:
+        pred: (Np, S, 2) resampled predicted polylines.
+        gt: (Ng, S2, 2) resampled GT polylines.
+    Returns:
+        (Np, Ng): (mean_i min_j |p_i - g_j| + mean_j min_i |p_i - g_j|) / 2.
+    """
+    num_pred, s_pred = pred.shape[:2]
+    num_gt, s_gt = gt.shape[:2]
+    center = gt.reshape(-1, 2).mean(dim=0)  # (2,)
+    p = (pred - center).reshape(num_pred * s_pred, 2)  # (Np*S, 2)
+    g = (gt - center).reshape(num_gt * s_gt, 2)  # (Ng*S2, 2)
+    # |p - g|^2 = |p|^2 - 2 p.g + |g|^2
+    sq = torch.addmm(p.square().sum(dim=1, keepdim=True), p, g.t(), alpha=-2.0)  # (Np*S, Ng*S2)
+    sq += g.square().sum(dim=1)[None]  # in place: the matrix is the big allocation
+    # 3-D views reduce 4-5x faster than one (Np, S, Ng, S2) view for the larger groups.
+    nearest_gt = sq.view(num_pred * s_pred, num_gt, s_gt).amin(dim=2)  # (Np*S, Ng)
+    nearest_pred = sq.view(num_pred, s_pred, num_gt * s_gt).amin(dim=1)  # (Np, Ng*S2)
+    pred_to_gt = nearest_gt.clamp_min(0).sqrt().view(num_pred, s_pred, num_gt).mean(dim=1)  # (Np, Ng)
+    gt_to_pred = nearest_pred.clamp_min(0).sqrt().view(num_pred, num_gt, s_gt).mean(dim=2)  # (Np, Ng)
+    return (pred_to_gt + gt_to_pred) / 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+def _to_numpy(values: Any) -> np.ndarray:
+    """A numpy array from a tensor (any device), an array or a list."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _stack_polylines(vectors: Any) -> torch.Tensor:
+    """(N, K, 2) float64 tensor from an (N, P, 2) array/tensor or a list of (P_i, 2) arrays."""
+    if isinstance(vectors, torch.Tensor):
+        return vectors.detach().to(torch.float64).reshape(vectors.shape[0], -1, 2).cpu()
+    if isinstance(vectors, np.ndarray):
+        return torch.from_numpy(vectors.astype(np.float64).reshape(vectors.shape[0], -1, 2))
+    items = [np.asarray(v, dtype=np.float64).reshape(-1, 2) for v in vectors]
+    if not items:
+        return torch.zeros(0, 1, 2, dtype=torch.float64)
+    max_len = max(len(v) for v in items)
+    padded = np.stack([np.concatenate([v, np.repeat(v[-1:], max_len - len(v), axis=0)]) for v in items])
+    return torch.from_numpy(padded)  # (N, max_len, 2), tails repeat the last vertex
+
+
+@dataclass
+class _Flat:
+    """All instances of the dataset, sorted by (sample, label), resampled to NUM_SAMPLE_POINTS."""
+
+    points: torch.Tensor  # (M, NUM_SAMPLE_POINTS, 2) float32 meters
+    labels: np.ndarray  # (M,) int64
+    scores: np.ndarray  # (M,) float64 (ones for GT)
+    order: np.ndarray  # (M,) int64 position of each instance in the input's dataset-wide order
+    bounds: np.ndarray  # (num_samples * C + 1,) start of each (sample, class) group
+
+
+def _flatten(samples: Sequence[dict[str, Any]], num_classes: int, with_scores: bool) -> _Flat:
+    groups, labels, scores, sample_ids = [], [], [], []
+    for s, sample in enumerate(samples):
+        lab = _to_numpy(sample["labels"]).astype(np.int64).reshape(-1)
+        if lab.size == 0:
+            continue
+        pts = _stack_polylines(sample["vectors"])  # (N, K, 2)
+        if pts.shape[0] != lab.size:
+            raise ValueError(f"sample {s}: {pts.shape[0]} vectors but {lab.size} labels")
+        if lab.min() < 0 or lab.max() >= num_classes:
+            raise ValueError(f"sample {s}: labels must be in [0, {num_classes}), got {np.unique(lab)}")
+        sc = _to_numpy(sample["scores"]).astype(np.float64).reshape(-1) if with_scores else np.ones(lab.size)
+        if sc.size != lab.size:
+            raise ValueError(f"sample {s}: {sc.size} scores but {lab.size} labels")
+        groups.append(pts)
+        labels.append(lab)
+        scores.append(sc)
+        sample_ids.append(np.full(lab.size, s, dtype=np.int64))
+    if not groups:
+        return _Flat(
+            torch.zeros(0, NUM_SAMPLE_POINTS, 2),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros(0, np.int64),
+            np.zeros(len(samples) * num_classes + 1, np.int64),
+        )
+    # One resampling call for the dataset: pad every sample to the longest vertex count by repeating
+    # last vertices (predictions all have P points, so they need no padding).
+    max_len = max(g.shape[1] for g in groups)
+    padded = [torch.cat([g, g[:, -1:].expand(-1, max_len - g.shape[1], -1)], dim=1) for g in groups]
+    # Resampled in float64 (exact arc lengths) by chunks that stay in cache (3-4x faster than one call
+    # over the dataset), compared in float32 (2-3x faster distance matrices).
+    vertices = torch.cat(padded)  # (M, max_len, 2)
+    chunks = [resample_polylines(vertices[i : i + _RESAMPLE_CHUNK]) for i in range(0, len(vertices), _RESAMPLE_CHUNK)]
+    points = torch.cat(chunks).float()  # (M, NUM_SAMPLE_POINTS, 2)
+    labels_all = np.concatenate(labels)
+    scores_all = np.concatenate(scores)
+    sample_all = np.concatenate(sample_ids)
+    key = sample_all * num_classes + labels_all
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(len(samples) * num_classes + 1))
+    return _Flat(points[torch.from_numpy(order)], labels_all[order], scores_all[order], order, bounds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching and AP
+# --------------------------------------------------------------------------------------------------
+def _nearest_gt(preds: _Flat, gts: _Flat) -> tuple[np.ndarray, np.ndarray]:
+    """For every prediction, the chamfer distance to its nearest same-class, same-sample GT and that
+    GT's dataset-wide index (inf and -1 when there is none)."""
+    nearest = np.full(len(preds.labels), np.inf)
+    nearest_id = np.full(len(preds.labels), -1, dtype=np.int64)
+    groups = np.flatnonzero((np.diff(preds.bounds) > 0) & (np.diff(gts.bounds) > 0))
+    for g in groups:  # one distance matrix per (sample, class) that has both predictions and GT
+        p0, p1 = preds.bounds[g], preds.bounds[g + 1]
+        g0, g1 = gts.bounds[g], gts.bounds[g + 1]
+        cd = chamfer_distance_matrix(preds.points[p0:p1], gts.points[g0:g1])  # (Np, Ng)
+        dist, idx = cd.min(dim=1)  # first index on ties, as MapTR's argmax
+        nearest[p0:p1] = dist.numpy()
+        nearest_id[p0:p1] = idx.numpy() + g0
+    return nearest, nearest_id
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the monotone precision envelope (all-point interpolation, MapTR's mode='area').
+
+    Args:
+        recall: (D,) non-decreasing recall after each detection in score order.
+        precision: (D,) precision after each detection.
+    """
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # envelope: max precision at any higher recall
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+@dataclass
+class PRCurve:
+    """Precision/recall after each detection of one class at one threshold, in descending score."""
+
+    class_id: int
+    threshold: float
+    scores: np.ndarray  # (D,) descending
+    tp: np.ndarray  # (D,) bool
+    recall: np.ndarray  # (D,)
+    precision: np.ndarray  # (D,)
+    num_gt: int
+    ap: float
+
+
+def precision_recall_curves(
+    predictions: Sequence[dict[str, Any]],
+    ground_truths: Sequence[dict[str, Any]],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    num_classes: int = len(CLASS_NAMES),
+) -> list[list[PRCurve]]:
+    """PR curves of every class (outer list) at every threshold (inner list); see the module docstring.
+
+    Args:
+        predictions: one dict per sample: vectors (N, P, 2) meters or a list of (P_i, 2), labels (N,),
+            scores (N,). Extra keys are ignored (the post-process output fits as is).
+        ground_truths: one dict per sample, same order: vectors and labels.
+        thresholds: chamfer distance thresholds in meters.
+        num_classes: labels are in [0, num_classes).
+    """
+    if len(predictions) != len(ground_truths):
+        raise ValueError(f"{len(predictions)} prediction samples but {len(ground_truths)} ground-truth samples")
+    preds = _flatten(predictions, num_classes, with_scores=True)
+    gts = _flatten(ground_truths, num_classes, with_scores=False)
+    nearest, nearest_id = _nearest_gt(preds, gts)
+    eps = np.finfo(np.float32).eps
+    curves: list[list[PRCurve]] = []
+    for c in range(num_classes):
+        in_class = np.flatnonzero(preds.labels == c)
+        # Descending score; ties keep dataset order (sample, then position) through the stable sort.
+        by_score = in_class[np.lexsort((preds.order[in_class], -preds.scores[in_class]))]
+        num_gt = int(np.sum(gts.labels == c))
+        per_thr = []
+        for thr in thresholds:
+            candidate = nearest[by_score] <= thr
+            tp = np.zeros(len(by_score), dtype=bool)
+            cand_pos = np.flatnonzero(candidate)
+            _, first = np.unique(nearest_id[by_score][cand_pos], return_index=True)
+            tp[cand_pos[first]] = True  # the best-scored candidate of each GT claims it; others are FP
+            tp_cum = np.cumsum(tp)
+            fp_cum = np.arange(1, len(tp) + 1) - tp_cum
+            recall = tp_cum / max(num_gt, eps)
+            precision = tp_cum / np.maximum(tp_cum + fp_cum, eps)
+            per_thr.append(
+                PRCurve(
+                    class_id=c,
+                    threshold=float(thr),
+                    scores=preds.scores[by_score],
+                    tp=tp,
+                    recall=recall,
+                    precision=precision,
+                    num_gt=num_gt,
+                    ap=average_precision(recall, precision),
+                )
+            )
+        curves.append(per_thr)
+    return curves
+
+
+def evaluate(
+    predictions: Sequence[dict[str, Any]],
+    ground_truths: Sequence[dict[str, Any]],
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> dict[str, float]:
+    """Chamfer-distance mAP of a dataset of predictions (see :func:`precision_recall_curves`).
+
+    Returns:
+        {"mAP", "AP_<class>" for each class, "AP_<class>_<thr>" (e.g. "AP_divider_0.5") for each class
+        and threshold}, all fractions in [0, 1]. A class without GT anywhere scores 0 and still counts
+        in mAP (MapTR). The names are valid MLflow metric keys (MLflow refuses "@").
+    """
+    if not thresholds:
+        raise ValueError("at least one threshold is needed")
+    curves = precision_recall_curves(predictions, ground_truths, thresholds, num_classes=len(class_names))
+    metrics: dict[str, float] = {}
+    class_aps = []
+    for name, per_thr in zip(class_names, curves, strict=True):
+        aps = [curve.ap for curve in per_thr]
+        class_aps.append(float(np.mean(aps)))
+        metrics[f"AP_{name}"] = class_aps[-1]
+        for curve in per_thr:
+            metrics[f"AP_{name}_{curve.threshold}"] = curve.ap  # e.g. AP_divider_0.5
+    metrics["mAP"] = float(np.mean(class_aps))
+    return {"mAP": metrics.pop("mAP"), **metrics}

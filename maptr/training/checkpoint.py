@@ -1,0 +1,50 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` (tensors and plain containers only).
+
+A checkpoint is a dict: ``model`` (state_dict), and for resumable ones ``optimizer``, ``scheduler``,
+``epoch``, ``step``, ``step_in_epoch``, ``rng`` (torch CPU RNG state), ``best`` (best val mAP so far) and
+``history`` (per-epoch metrics), plus ``stage`` and ``preset`` so a checkpoint of the wrong kind is
+refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maptr.atomic import atomic_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: names the file and the fix."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """torch.save into a temporary file, then rename: a killed save never leaves a truncated checkpoint."""
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, expect_preset: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it (dvc repro)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: {first}); re-run the stage that writes it"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a maptr checkpoint (no 'model' state_dict)")
+    if expect_preset is not None and state.get("preset") not in (None, expect_preset):
+        raise CheckpointError(
+            f"{path}: written for model preset {state.get('preset')!r}, but params select {expect_preset!r}; "
+            "re-run the stage or change model.preset"
+        )
+    return state

@@ -1,0 +1,264 @@
+"""The training loop shared by float-train and QAT: AdamW, warmup + cosine, clipping, DDP, exact resume.
+
+Resume is exact: the "last" checkpoint (written every ``ckpt_every_steps`` optimizer steps and at the end
+of every epoch) holds the model, optimizer, scheduler, epoch, position inside the epoch and the torch RNG.
+The data order comes from a per-epoch seeded sampler and every sample's augmentation from its own seeded
+generator, so a resumed run sees the same batches and ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from maptr.config import TrainConfig
+from maptr.data.dataset import PackedMapDataset, collate
+from maptr.training.checkpoint import load_checkpoint, save_checkpoint
+from maptr.training.distributed import DistContext, barrier, mean_across_ranks
+from maptr.training.schedule import build_scheduler
+from maptr.training.tracking import StageRun
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run stops before the optimizer step, so no checkpoint holds NaNs."""
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (seeded shuffle per epoch, one shard per rank) that can skip the first samples
+    of its epoch, to continue an interrupted epoch exactly where it stopped."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    global_step: int = 0
+    best: float = -1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the backbone at ``backbone_lr_mult`` x lr (the guide's ``lr_mult=0.1``)."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("backbone.") else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+class Trainer:
+    """Fits ``model`` with ``criterion`` on ``train_set``, validating with ``validate(model) -> metrics``
+    after every epoch; keeps the best checkpoint by val mAP and a resumable last checkpoint.
+
+    Args:
+        stage: name in logs and checkpoints (``float``, ``qat``).
+        preset: model preset name, stored in checkpoints.
+        best_path / last_path: checkpoint files (last_path must survive DVC re-running the stage).
+        fingerprint: identifies the run (params + data); a last checkpoint with another one is not resumed.
+        extra_state: callable returning extra tensors to store with every checkpoint (e.g. quant scales).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        criterion: nn.Module,
+        train_set: PackedMapDataset,
+        validate: Callable[[nn.Module], dict[str, float]],
+        cfg: TrainConfig,
+        ctx: DistContext,
+        tracker: StageRun,
+        stage: str,
+        preset: str,
+        best_path: str | Path,
+        last_path: str | Path,
+        fingerprint: str = "",
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.cfg, self.ctx, self.tracker, self.stage, self.preset = cfg, ctx, tracker, stage, preset
+        self.criterion, self.train_set, self.validate = criterion, train_set, validate
+        self.best_path, self.last_path = Path(best_path), Path(last_path)
+        self.extra_state = extra_state or (lambda: {})
+        self.fingerprint = fingerprint
+        model = model.to(ctx.device)
+        if ctx.distributed and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp = DistributedDataParallel(model, find_unused_parameters=False) if ctx.distributed else None
+        self.sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, cfg.seed)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{stage}: {len(train_set)} training samples give no batch of size {cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=self.total_steps,
+            warmup_steps=cfg.warmup_steps,
+            warmup_ratio=cfg.warmup_ratio,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
+        self.state = TrainState()
+
+    # ----------------------------------------------------------------------------------------------
+    def resume(self) -> str:
+        """Continue from ``last_path`` when it holds an unfinished run with the same fingerprint.
+
+        Returns a one-line description of what happened (resumed, or why it started afresh).
+        """
+        if not self.last_path.is_file():
+            return "no resume checkpoint: starting afresh"
+        ckpt = load_checkpoint(self.last_path)
+        if ckpt.get("stage") != self.stage or ckpt.get("fingerprint") != self.fingerprint:
+            return f"{self.last_path} is from another run (params or data changed): starting afresh"
+        if ckpt["train_state"]["epoch"] >= self.cfg.epochs:
+            return f"{self.last_path} is a finished run: starting afresh (deterministic, same result)"
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        self.state = TrainState(**ckpt["train_state"])
+        return f"resumed from {self.last_path} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
+
+    def _checkpoint(self, path: Path, with_optimizer: bool, metrics: dict[str, float] | None = None) -> None:
+        if not self.ctx.is_main:
+            return
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "stage": self.stage,
+            "preset": self.preset,
+            "fingerprint": self.fingerprint,
+            "train_state": asdict(self.state),
+            "metrics": metrics or {},
+            **self.extra_state(),
+        }
+        if with_optimizer:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+            state["rng"] = torch.get_rng_state()
+        save_checkpoint(path, state)
+
+    # ----------------------------------------------------------------------------------------------
+    def _loader(self, epoch: int) -> DataLoader:
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = self.state.step_in_epoch * self.cfg.batch_size
+        self.train_set.set_epoch(epoch)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+            persistent_workers=False,
+            # worker seeds from a per-epoch generator, never from the global RNG that dropout uses
+            generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch),
+        )
+
+    def _step(self, batch: dict[str, Any]) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        net = self.ddp or self.model
+        batch = _to_device(batch, ctx.device)
+        use_bf16 = cfg.bf16 and ctx.device.type == "cuda"
+        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            outputs = net(batch["img"], batch["lidar2img"])
+        losses = self.criterion(outputs, batch)
+        total = self.criterion.total_loss(losses)
+        if not torch.isfinite(total):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise TrainingDiverged(
+                f"{self.stage}: loss is {total.item()} at epoch {self.state.epoch} step {self.state.global_step} "
+                f"({parts}); lower {self.stage}.lr or check the data. The last good checkpoint is {self.last_path}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.zeros(())
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": total.item(), "grad_norm": float(grad_norm), **{k: v.item() for k, v in losses.items()}}
+
+    def fit(self) -> TrainState:
+        cfg, ctx = self.cfg, self.ctx
+        for epoch in range(self.state.epoch, cfg.epochs):
+            self.state.epoch = epoch
+            self.model.train()
+            loader = self._loader(epoch)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.state.step_in_epoch,
+                desc=f"{self.stage} epoch {epoch + 1}/{cfg.epochs}",
+                unit="step",
+                disable=not ctx.is_main,
+            )
+            start, running = time.perf_counter(), []
+            for batch in loader:
+                logs = self._step(batch)
+                self.state.step_in_epoch += 1
+                self.state.global_step += 1
+                running.append(logs["loss"])
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if self.state.global_step % cfg.log_every_steps == 0:
+                    logs = mean_across_ranks(logs, ctx)
+                    self.tracker.log_metrics({f"train/{k}": v for k, v in logs.items()} | {"lr": lr},
+                                             step=self.state.global_step)  # fmt: skip
+                if cfg.ckpt_every_steps and self.state.global_step % cfg.ckpt_every_steps == 0:
+                    self._checkpoint(self.last_path, with_optimizer=True)
+            bar.close()
+            seconds = time.perf_counter() - start
+            self.model.eval()
+            metrics = self.validate(self.model)
+            train_loss = mean_across_ranks({"loss": sum(running) / max(len(running), 1)}, ctx)["loss"]
+            record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss,
+                      "epoch_seconds": seconds, **metrics}  # fmt: skip
+            self.state.history.append(record)
+            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()} | {"train_loss_epoch": train_loss},
+                                     step=self.state.global_step)  # fmt: skip
+            if ctx.is_main:
+                tqdm.write(f"{self.stage} epoch {epoch + 1}: val mAP {metrics['mAP']:.4f}, loss {train_loss:.3f}, "
+                           f"{seconds:.0f} s")  # fmt: skip
+            if metrics["mAP"] > self.state.best or math.isnan(self.state.best):
+                self.state.best = metrics["mAP"]
+                self._checkpoint(self.best_path, with_optimizer=False, metrics=metrics)
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            self._checkpoint(self.last_path, with_optimizer=True)
+            barrier(ctx)
+        return self.state

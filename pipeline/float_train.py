@@ -1,0 +1,119 @@
+"""Stage `float-train`: train the float MapTRv2 model, validating (chamfer mAP) after every epoch.
+
+Reads sections `float` (the training strategy) and `model` (the preset). Runs alone or under torchrun:
+
+    torchrun --nproc_per_node=2 pipeline/float_train.py --params params.yaml
+
+Writes the best checkpoint by val mAP, metrics/float.json, the per-epoch curve, a learning-curve PNG,
+PR curves and a BEV picture, all also logged to MLflow. `--resume` continues an interrupted run from the
+resume checkpoint (kept outside DVC's outputs so that it survives DVC re-running the stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from maptr import cli, viz
+from maptr.atomic import write_text_atomic
+from maptr.config import TrainConfig, load_model_config, load_params, load_section
+from maptr.data.dataset import DatasetOptions, PackedMapDataset
+from maptr.evaluation.chamfer_ap import precision_recall_curves
+from maptr.evaluation.inference import evaluate_model, torch_predictor
+from maptr.evaluation.postprocess import build_postprocess
+from maptr.models.maptr import build_maptr
+from maptr.training.checkpoint import load_checkpoint
+from maptr.training.criterion import build_criterion
+from maptr.training.distributed import cleanup, init_distributed
+from maptr.training.tracking import StageRun
+from maptr.training.trainer import Trainer
+
+METRIC_KEYS = ("mAP", "AP_divider", "AP_ped_crossing", "AP_boundary")
+
+
+def fingerprint(*parts) -> str:
+    """Identity of a run: its params and the packed data it reads (resume only continues the same run)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
+    p.add_argument("--best", default="models/float-checkpoint-best.pt", help="best checkpoint (by val mAP)")
+    p.add_argument("--last", default="models/resume/float-last.pt", help="resume checkpoint (not a DVC output)")
+    p.add_argument("--metrics", default="metrics/float.json", help="metrics of the best epoch")
+    p.add_argument("--curve", default="metrics/float_curve.json", help="per-epoch metrics (DVC plots)")
+    p.add_argument("--reports", default="reports/float", help="folder for PNG reports")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same params")
+    args = p.parse_args()
+
+    params = load_params(args.params)
+    cfg = load_section(params, "float", TrainConfig)
+    model_cfg = load_model_config(params)
+    ctx = init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    train_set = PackedMapDataset(args.packed, "train", DatasetOptions.from_model(model_cfg, cfg.augment, cfg.seed))
+    val_set = PackedMapDataset(args.packed, "val", DatasetOptions.from_model(model_cfg, False, cfg.seed))
+    model = build_maptr(model_cfg)
+    criterion = build_criterion(model_cfg)
+    post = build_postprocess(model_cfg)
+
+    def validate(m: torch.nn.Module) -> dict[str, float]:
+        metrics, _ = evaluate_model(
+            torch_predictor(m, ctx.device), val_set, post, batch_size=cfg.val_batch_size, num_workers=0, ctx=ctx
+        )
+        return metrics
+
+    meta_bytes = (Path(args.packed) / "metas" / "train.json").read_bytes()
+    run_id = fingerprint(asdict(cfg), asdict(model_cfg), meta_bytes, ctx.world_size)
+    with StageRun("float-train", {"float": asdict(cfg), "model": asdict(model_cfg)}, enabled=ctx.is_main) as run:
+        trainer = Trainer(
+            model=model, criterion=criterion, train_set=train_set, validate=validate, cfg=cfg, ctx=ctx,
+            tracker=run, stage="float", preset=model_cfg.preset, best_path=args.best, last_path=args.last,
+            fingerprint=run_id,
+        )  # fmt: skip
+        if args.resume:
+            message = trainer.resume()
+            if ctx.is_main:
+                print(message)
+        state = trainer.fit()
+        if ctx.is_main:
+            write_reports(args, state.history, model_cfg, val_set, post, ctx, run)
+    cleanup(ctx)
+
+
+def write_reports(args, history, model_cfg, val_set, post, ctx, run: StageRun) -> None:
+    """Metrics of the best epoch, the curve, PNGs; everything also to MLflow."""
+    best = max(history, key=lambda h: h["mAP"])
+    metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
+    metrics.update(best_epoch=best["epoch"], epochs=len(history))
+    write_text_atomic(args.metrics, json.dumps(metrics, indent=2))
+    write_text_atomic(args.curve, json.dumps(history, indent=2))
+    reports = Path(args.reports)
+    viz.learning_curve(history, reports / "learning_curve.png", title=f"float-train ({model_cfg.preset})")
+    # Re-score the best checkpoint for the PR curves and a BEV picture of one val sample.
+    model = build_maptr(model_cfg)
+    model.load_state_dict(load_checkpoint(args.best)["model"])
+    model.eval()
+    _, preds = evaluate_model(torch_predictor(model, ctx.device), val_set, post, batch_size=4)
+    gts = [val_set.ground_truth(p["index"]) for p in preds]
+    viz.pr_curves(precision_recall_curves(preds, gts), reports / "pr_curves.png", title="float model, val")
+    viz.bev_comparison(gts[0], preds[0], model_cfg.pc_range, reports / "bev_val0.png", title="val sample 0")
+    run.log_metrics({f"best/{k}": v for k, v in metrics.items()})
+    for path in (args.metrics, args.curve, *sorted(reports.glob("*.png"))):
+        run.log_artifact(path)
+    run.log_artifact(args.best, artifact_path="checkpoints")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,60 @@
+"""The guide's `predict`: validation mAP of a stage's checkpoint on the packed val split.
+
+python pipeline/predict.py --stage float
+python pipeline/predict.py --stage float --checkpoint models/float-checkpoint-best.pt --limit 50
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from maptr import cli
+from maptr.atomic import write_text_atomic
+from maptr.config import load_model_config, load_params
+from maptr.data.dataset import DatasetOptions, PackedMapDataset
+from maptr.evaluation.inference import evaluate_model, torch_predictor
+from maptr.evaluation.postprocess import build_postprocess
+from maptr.models.maptr import build_maptr
+from maptr.training.checkpoint import load_checkpoint
+
+STAGES = {"float": "models/float-checkpoint-best.pt"}
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--stage", choices=sorted(STAGES), default="float", help="which model to evaluate")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best)")
+    p.add_argument("--packed", default="data/packed", help="packed dataset")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the metrics JSON here too")
+    args = p.parse_args()
+
+    model_cfg = load_model_config(load_params(args.params))
+    path = args.checkpoint or STAGES[args.stage]
+    model = build_maptr(model_cfg)
+    model.load_state_dict(load_checkpoint(path, expect_preset=model_cfg.preset)["model"])
+    model.eval()
+    dataset = PackedMapDataset(args.packed, args.split, DatasetOptions.from_model(model_cfg))
+    start = time.perf_counter()
+    metrics, _ = evaluate_model(
+        torch_predictor(model, torch.device("cpu")),
+        dataset,
+        build_postprocess(model_cfg),
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+    seconds = time.perf_counter() - start
+    print(f"{args.stage} {path} on {args.split} ({args.limit or len(dataset)} samples, {seconds:.1f} s)")
+    for key in ("mAP", "AP_divider", "AP_ped_crossing", "AP_boundary"):
+        print(f"  {key:<16} {metrics[key]:.4f}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,84 @@
+"""params.yaml -> typed configs: the presets load, and every bad input is an error naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maptr.config import ModelConfig, PackConfig, ParamsError, SynthConfig, load_model_config, load_params, load_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_repo_params_load_every_section():
+    params = load_params(REPO / "params.yaml")
+    for name in ("synth", "pack", "model", "float", "sensitivity", "calibrate", "qat", "export", "compile", "validate"):
+        assert name in params, f"params.yaml lacks section {name}"
+    synth = load_section(params, "synth", SynthConfig)
+    assert synth.version == "v1.0-trainval" and synth.val_scenes * synth.samples_per_scene >= 200
+    pack = load_section(params, "pack", PackConfig)
+    assert pack.pc_range == [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50"])
+def test_presets_build_typed_model_config(tmp_path, preset):
+    path = write_params(tmp_path, lambda d: d["model"].update(preset=preset))
+    cfg = load_model_config(load_params(path))
+    assert isinstance(cfg, ModelConfig) and cfg.preset == preset
+    assert cfg.num_classes == 3 and cfg.pc_range[3] == 15.0
+    assert cfg.criterion.cls_weight == 2.0 and cfg.criterion.pts_weight == 5.0
+    if preset == "r50":  # the guide's configuration
+        assert (cfg.backbone, cfg.embed_dims, cfg.decoder_layers, cfg.num_vec_one2many, cfg.k_one2many) == (
+            "resnet50",
+            256,
+            6,
+            300,
+            6,
+        )
+        assert cfg.image_size == [800, 480] and (cfg.bev_h, cfg.bev_w) == (200, 100)
+
+
+def test_unknown_preset_names_choices(tmp_path):
+    path = write_params(tmp_path, lambda d: d["model"].update(preset="r101"))
+    with pytest.raises(ParamsError, match=r"params.yaml: model.preset: unknown preset 'r101'.*r50.*tiny"):
+        load_model_config(load_params(path))
+
+
+def test_wrong_type_names_file_and_key(tmp_path):
+    path = write_params(tmp_path, lambda d: d["model"]["presets"]["tiny"].update(bev_h="fifty"))
+    with pytest.raises(ParamsError, match=r"model.presets.tiny.bev_h: expected an integer, got 'fifty'"):
+        load_model_config(load_params(path))
+    path = write_params(tmp_path, lambda d: d["synth"].update(seed=1.5))
+    with pytest.raises(ParamsError, match=r"synth.seed: expected an integer"):
+        load_section(load_params(path), "synth", SynthConfig)
+
+
+def test_unknown_key_is_an_error_not_ignored(tmp_path):
+    path = write_params(tmp_path, lambda d: d["pack"].update(pc_rang=[0]))
+    with pytest.raises(ParamsError, match=r"pack: unknown key\(s\) \['pc_rang'\]"):
+        load_section(load_params(path), "pack", PackConfig)
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_invalid_image_size_rejected(tmp_path):
+    path = write_params(tmp_path, lambda d: d["model"]["presets"]["tiny"].update(image_size=[350, 128]))
+    with pytest.raises(ParamsError, match="multiples of 32"):
+        load_model_config(load_params(path))
