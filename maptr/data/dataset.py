@@ -50,6 +50,22 @@ class DatasetOptions:
         )
 
 
+_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def _open_readonly(path: Path) -> lmdb.Environment:
+    """One read-only environment per LMDB and process: LMDB refuses to open the same file twice in a
+    process, and an environment must not cross a fork (each DataLoader worker opens its own)."""
+    key = str(path.resolve())
+    pid, env = _ENVS.get(key, (None, None))
+    if pid != os.getpid():
+        if env is not None:
+            env.close()  # inherited through fork: release this process's copy (lock=False: no lock state)
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+        _ENVS[key] = (os.getpid(), env)
+    return env
+
+
 def decode_jpeg(data: bytes, where: str) -> np.ndarray:
     """JPEG bytes -> (H, W, 3) uint8 RGB; undecodable bytes raise CorruptRecordError naming ``where``."""
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -104,10 +120,8 @@ class PackedMapDataset(Dataset):
         self.epoch = epoch
 
     def _txn_get(self, key: int) -> bytes:
-        # LMDB environments must not cross a fork: open one per worker process, lazily.
         if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(str(self.lmdb_path), readonly=True, lock=False, readahead=False, subdir=True)
-            self._pid = os.getpid()
+            self._env, self._pid = _open_readonly(self.lmdb_path), os.getpid()
         with self._env.begin() as txn:
             blob = txn.get(str(key).encode())
         if blob is None:
