@@ -113,6 +113,7 @@ def camera_overlay(
     gt: dict | None = None,
     score_threshold: float = 0.3,
     title: str = "",
+    pred_title: str = "prediction (BEV)",
 ) -> None:
     """Six camera images with the predicted map projected onto the ground, and the BEV map beside them.
 
@@ -138,7 +139,7 @@ def camera_overlay(
         ax.set_axis_off()
         ax.set_title(cam_names[cam], fontsize=8)
     ax = fig.add_subplot(grid[:, 3])
-    draw_bev(ax, vectors, labels, pc_range, scores=np.asarray(pred["scores"])[keep], title="prediction (BEV)")
+    draw_bev(ax, vectors, labels, pc_range, scores=np.asarray(pred["scores"])[keep], title=pred_title)
     if gt is not None:
         ax = fig.add_subplot(grid[:, 4])
         draw_bev(ax, gt["vectors"], gt["labels"], pc_range, title="ground truth (BEV)")
