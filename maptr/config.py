@@ -238,6 +238,10 @@ def _validate_model(cfg: ModelConfig, where: str) -> None:
         raise ParamsError(f"{where}.backbone: {cfg.backbone!r} is not one of resnet18, resnet34, resnet50")
     if cfg.feature_stride not in (8, 16, 32):
         raise ParamsError(f"{where}.feature_stride: must be 8, 16 or 32, got {cfg.feature_stride}")
+    if cfg.backbone_max_stride not in (8, 16, 32) or cfg.backbone_max_stride < cfg.feature_stride:
+        raise ParamsError(
+            f"{where}.backbone_max_stride: must be 8, 16 or 32 and >= feature_stride, got {cfg.backbone_max_stride}"
+        )
     if cfg.embed_dims % cfg.num_heads:
         raise ParamsError(f"{where}: embed_dims {cfg.embed_dims} must be divisible by num_heads {cfg.num_heads}")
     if len(cfg.image_size) != 2 or any(s % 32 for s in cfg.image_size):
