@@ -29,3 +29,28 @@ def packed_world(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packed") / "packed"
     pack_nuscenes(dataroot=str(tiny_world), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE, classes=CLASSES)
     return out
+
+
+MICRO_PRESET = {
+    # the tiny architecture shrunk further so that a training step takes milliseconds in tests
+    "backbone": "resnet18", "feature_stride": 8, "backbone_max_stride": 8, "embed_dims": 32, "num_heads": 2,
+    "ffn_dims": 64, "image_size": [96, 32], "bev_h": 10, "bev_w": 5, "num_points_in_pillar": 2,
+    "encoder_layers": 1, "encoder_sca_points": 2, "encoder_tsa_points": 2, "decoder_layers": 2,
+    "decoder_points": 2, "num_vec_one2one": 12, "num_vec_one2many": 24, "k_one2many": 2, "num_pts_per_vec": 20,
+    "dropout": 0.1, "bev_seg": True, "pv_seg": True, "max_num": 12, "post_center_range": [-20.0, -35.0, 20.0, 35.0],
+}  # fmt: skip
+
+
+def write_micro_params(tmp_path: Path, **sections) -> Path:
+    """A params.yaml for tests: the repo's, with the micro preset selected and section keys overridden
+    (``float={"epochs": 1}``)."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    data["model"]["presets"]["micro"] = dict(MICRO_PRESET)
+    data["model"]["preset"] = "micro"
+    for name, values in sections.items():
+        data[name].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -53,6 +53,7 @@ class TrainState:
     epoch: int = 0  # epoch in progress (0-based)
     step_in_epoch: int = 0  # optimizer steps done in that epoch
     global_step: int = 0
+    epoch_loss_sum: float = 0.0  # running training loss of the epoch in progress (survives a resume)
     best: float = -1.0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -227,12 +228,12 @@ class Trainer:
                 unit="step",
                 disable=not ctx.is_main,
             )
-            start, running = time.perf_counter(), []
+            start = time.perf_counter()
             for batch in loader:
                 logs = self._step(batch)
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
-                running.append(logs["loss"])
+                self.state.epoch_loss_sum += logs["loss"]
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{lr:.2e}")
                 bar.update(1)
@@ -246,7 +247,8 @@ class Trainer:
             seconds = time.perf_counter() - start
             self.model.eval()
             metrics = self.validate(self.model)
-            train_loss = mean_across_ranks({"loss": sum(running) / max(len(running), 1)}, ctx)["loss"]
+            mean_loss = self.state.epoch_loss_sum / max(self.state.step_in_epoch, 1)
+            train_loss = mean_across_ranks({"loss": mean_loss}, ctx)["loss"]
             record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss,
                       "epoch_seconds": seconds, **metrics}  # fmt: skip
             self.state.history.append(record)
@@ -258,7 +260,7 @@ class Trainer:
             if metrics["mAP"] > self.state.best or math.isnan(self.state.best):
                 self.state.best = metrics["mAP"]
                 self._checkpoint(self.best_path, with_optimizer=False, metrics=metrics)
-            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
             self._checkpoint(self.last_path, with_optimizer=True)
             barrier(ctx)
         return self.state

@@ -1,0 +1,143 @@
+"""The training loop: deterministic, exactly resumable, stops on a non-finite loss; float-train end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_micro_params
+
+from maptr.config import TrainConfig, load_model_config, load_params
+from maptr.data.dataset import DatasetOptions, PackedMapDataset
+from maptr.evaluation.inference import evaluate_model, torch_predictor
+from maptr.evaluation.postprocess import build_postprocess
+from maptr.models.maptr import build_maptr
+from maptr.training.checkpoint import CheckpointError, load_checkpoint
+from maptr.training.criterion import build_criterion
+from maptr.training.distributed import DistContext
+from maptr.training.schedule import lr_factor
+from maptr.training.tracking import StageRun
+from maptr.training.trainer import Trainer, TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_trainer(packed: Path, tmp_path: Path, **overrides) -> Trainer:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    params = load_params(write_micro_params(tmp_path))
+    model_cfg = load_model_config(params)
+    cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-3, warmup_steps=2, num_workers=0, ckpt_every_steps=1,
+                      log_every_steps=1, **overrides)  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    train = PackedMapDataset(packed, "train", DatasetOptions.from_model(model_cfg, augment=True, seed=cfg.seed))
+    val = PackedMapDataset(packed, "val", DatasetOptions.from_model(model_cfg))
+    post = build_postprocess(model_cfg)
+
+    def validate(m):
+        return evaluate_model(torch_predictor(m, torch.device("cpu")), val, post, batch_size=2)[0]
+
+    return Trainer(
+        model=build_maptr(model_cfg), criterion=build_criterion(model_cfg), train_set=train, validate=validate,
+        cfg=cfg, ctx=DistContext(), tracker=StageRun("test", {}, enabled=False), stage="float", preset="micro",
+        best_path=tmp_path / "best.pt", last_path=tmp_path / "last.pt", fingerprint="test-run",
+    )  # fmt: skip
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    kw = dict(total_steps=100, warmup_steps=10, warmup_ratio=1 / 3, min_lr_ratio=1e-3)
+    assert lr_factor(0, **kw) == pytest.approx(1 / 3)
+    assert lr_factor(5, **kw) == pytest.approx(1 / 3 + (2 / 3) * 0.5)
+    assert lr_factor(10, **kw) == pytest.approx(1.0)
+    assert lr_factor(55, **kw) == pytest.approx(0.5 * (1 + 1e-3), rel=1e-3)
+    assert lr_factor(100, **kw) == pytest.approx(1e-3)
+
+
+def test_training_is_deterministic_and_resume_is_exact(packed_world, tmp_path):
+    full = make_trainer(packed_world, tmp_path / "a")
+    state_a = full.fit()
+    params_a = {k: v.clone() for k, v in full.model.state_dict().items()}
+
+    # Same seed again: the same metrics.
+    state_b = make_trainer(packed_world, tmp_path / "b").fit()
+    assert [h["mAP"] for h in state_a.history] == [h["mAP"] for h in state_b.history]
+    assert [h["train_loss"] for h in state_a.history] == [h["train_loss"] for h in state_b.history]
+
+    # Interrupted after 3 optimizer steps (inside epoch 2), then resumed from the last checkpoint.
+    broken = make_trainer(packed_world, tmp_path / "c")
+    real_step, calls = broken._step, []
+
+    def dying_step(batch):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(1)
+        return real_step(batch)
+
+    broken._step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    resumed = make_trainer(packed_world, tmp_path / "c")
+    assert "resumed" in resumed.resume()
+    state_c = resumed.fit()
+    assert [h["mAP"] for h in state_c.history] == [h["mAP"] for h in state_a.history]
+    assert [h["train_loss"] for h in state_c.history] == [h["train_loss"] for h in state_a.history]
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, params_a[k]), f"parameter {k} differs after resume"
+
+    # A different run (other fingerprint) is not resumed from that checkpoint.
+    other = make_trainer(packed_world, tmp_path / "c")
+    other.fingerprint = "another-run"
+    assert "another run" in other.resume()
+
+
+def test_nan_loss_stops_before_the_optimizer_step(packed_world, tmp_path):
+    trainer = make_trainer(packed_world, tmp_path)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.criterion.total_loss = lambda losses: torch.tensor(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 0 step 0.*lower float.lr"):
+        trainer.fit()
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.named_parameters())  # no optimizer step
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: not a readable checkpoint \(truncated or corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def run_float_train(params: Path, out: Path, packed: Path, nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    env["MLFLOW_EXPERIMENT_NAME"] = "test"
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
+    cmd = [*launcher, str(REPO / "pipeline" / "float_train.py"), "--params", str(params), "--packed", str(packed),
+           "--best", str(out / "best.pt"), "--last", str(out / "last.pt"), "--metrics", str(out / "float.json"),
+           "--curve", str(out / "curve.json"), "--reports", str(out / "reports")]  # fmt: skip
+    return subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_float_train_under_torchrun_two_ranks(packed_world, tmp_path):
+    params = write_micro_params(tmp_path, float={"epochs": 1, "batch_size": 2, "num_workers": 0, "warmup_steps": 1})
+    res = run_float_train(params, tmp_path, packed_world, nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "float.json").read_text())
+    assert set(metrics) >= {"mAP", "AP_divider", "AP_ped_crossing", "AP_boundary"}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("mAP", "AP_divider", "AP_ped_crossing", "AP_boundary"))
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert len(curve) == 1 and curve[0]["step"] == 2  # 8 train samples / 2 ranks / batch 2
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["preset"] == "micro" and ckpt["metrics"]["mAP"] == metrics["mAP"]
+    assert (tmp_path / "reports" / "learning_curve.png").stat().st_size > 0
+    assert (tmp_path / "mlflow.db").exists()
