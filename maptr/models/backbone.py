@@ -66,6 +66,8 @@ class Backbone(nn.Module):
             self.add_module(f"layer{i + 1}", getattr(resnet, f"layer{i + 1}"))
         self.out_strides = sorted(out_strides)
         self.out_channels = [base_channels * 2 ** _STAGE_STRIDES.index(s) for s in self.out_strides]
+        # channels-last weights and activations: oneDNN's convolutions are ~30% faster forward on CPU
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """
@@ -74,6 +76,7 @@ class Backbone(nn.Module):
         Returns:
             one (N, C_s, H / s, W / s) map per stride s of ``out_strides``, shallowest first.
         """
+        images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (N, 64, H/4, W/4)
         features = []
         for i in range(self.num_stages):
