@@ -21,8 +21,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from maptr.data.packing import PackError
     from maptr.data.records import CorruptRecordError
     from maptr.training.checkpoint import CheckpointError
+    from maptr.training.tracking import TrackingError
+    from maptr.training.trainer import TrainingDiverged
 
-    return (ParamsError, UserError, PackError, CorruptRecordError, CheckpointError, FileNotFoundError)
+    return (
+        ParamsError, UserError, PackError, CorruptRecordError, CheckpointError, TrackingError, TrainingDiverged,
+        FileNotFoundError,
+    )  # fmt: skip
 
 
 def parser(description: str) -> argparse.ArgumentParser:
