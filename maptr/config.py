@@ -72,6 +72,41 @@ class TrainConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """Stage ``sensitivity`` (the guide's quant_analysis): rank operators by quantization damage."""
+
+    calibration_batches: int = 4  # training batches through the observers (8-bit scales to rank with)
+    num_batches: int = 4  # validation batches the output error is measured on
+    batch_size: int = 2
+    with_weights: bool = True  # also measure each conv / linear with only its int8 weights quantized
+    seed: int = 0
+    threads: int = 1  # torch threads (0 = torch's default)
+
+
+@dataclass
+class CalibrateConfig:
+    """Stage ``calibrate``: observers over ``steps`` batches, frozen scales, val mAP."""
+
+    steps: int = 16  # calibration batches (from the training split, no augmentation)
+    batch_size: int = 2
+    observer: str = "mse"  # 8-bit activation ranges: mse | percentile | minmax (int16: min/max)
+    percentile: float = 99.99
+    int16_topk: int = 30  # operators with int16 inputs, for the preset int16_topk_preset (the guide: 30, r50)
+    int16_topk_preset: str = "r50"  # other presets get the same fraction of their quantized operators
+    weight_reduce_range: bool = True  # 7-bit int8 weights: exact ONNX Runtime kernels on CPUs without VNNI
+    seed: int = 0
+    threads: int = 1  # torch threads (0 = torch's default)
+    val_batch_size: int = 4
+
+
+@dataclass
+class QATConfig(TrainConfig):
+    """Stage ``qat``: a short fine-tune of the calibrated model with fixed activation scales."""
+
+    samples_per_epoch: int = 0  # training samples per epoch (a different seeded slice each epoch); 0 = all
+
+
+@dataclass
 class CriterionConfig:
     """Loss and matching weights (the guide's MapTRCriterion / MapTRAssigner)."""
 

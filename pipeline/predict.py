@@ -1,6 +1,7 @@
 """The guide's `predict`: validation mAP of a stage's checkpoint on the packed val split.
 
 python pipeline/predict.py --stage float
+python pipeline/predict.py --stage calibration      # or qat: the fake-quant model of that stage
 python pipeline/predict.py --stage float --checkpoint models/float-checkpoint-best.pt --limit 50
 """
 
@@ -17,10 +18,14 @@ from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
-from maptr.models.maptr import build_maptr
+from maptr.quant.quantizer import build_model_from_checkpoint
 from maptr.training.checkpoint import load_checkpoint
 
-STAGES = {"float": "models/float-checkpoint-best.pt"}
+STAGES = {
+    "float": "models/float-checkpoint-best.pt",
+    "calibration": "models/calibration-checkpoint-best.pt",
+    "qat": "models/qat-checkpoint-best.pt",
+}
 
 
 def main() -> None:
@@ -36,9 +41,8 @@ def main() -> None:
 
     model_cfg = load_model_config(load_params(args.params))
     path = args.checkpoint or STAGES[args.stage]
-    model = build_maptr(model_cfg)
-    model.load_state_dict(load_checkpoint(path, expect_preset=model_cfg.preset)["model"])
-    model.eval()
+    # Float, or the fake-quant model rebuilt from the quantization config the checkpoint carries.
+    model = build_model_from_checkpoint(model_cfg, load_checkpoint(path, expect_preset=model_cfg.preset))
     dataset = PackedMapDataset(args.packed, args.split, DatasetOptions.from_model(model_cfg))
     start = time.perf_counter()
     metrics, _ = evaluate_model(

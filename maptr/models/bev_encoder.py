@@ -16,6 +16,7 @@ from maptr.models.deformable_attention import MultiScaleDeformableAttention
 from maptr.models.feed_forward import FeedForward
 from maptr.models.position_encoding import LearnedPositionalEncoding
 from maptr.models.spatial_cross_attention import SpatialCrossAttention
+from maptr.models.tensor_ops import Add
 
 
 class BEVEncoderLayer(nn.Module):
@@ -32,6 +33,11 @@ class BEVEncoderLayer(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
+        # Each sum is its own module so that the quantizer can fake-quantize its inputs.
+        self.self_attn_pos_add = Add()
+        self.cross_attn_pos_add = Add()
+        self.residual_add1 = Add()
+        self.residual_add2 = Add()
         self.self_attn = MultiScaleDeformableAttention(
             embed_dims=embed_dims, num_heads=num_heads, num_levels=1, num_points=self_attn_points
         )
@@ -68,12 +74,12 @@ class BEVEncoderLayer(nn.Module):
         Returns:
             (B, H*W, C) updated BEV features.
         """
-        attended = self.self_attn(bev + bev_pos, bev_reference, bev, [bev_shape])  # (B, H*W, C)
-        bev = self.norm1(bev + self.dropout1(attended))
-        lifted = self.cross_attn(
-            bev + bev_pos, camera_features, feature_shape, camera_reference, visible
-        )  # (B, H*W, C)
-        bev = self.norm2(bev + self.dropout2(lifted))
+        query = self.self_attn_pos_add(bev, bev_pos)  # (B, H*W, C)
+        attended = self.self_attn(query, bev_reference, bev, [bev_shape])  # (B, H*W, C)
+        bev = self.norm1(self.residual_add1(bev, self.dropout1(attended)))
+        query = self.cross_attn_pos_add(bev, bev_pos)  # (B, H*W, C)
+        lifted = self.cross_attn(query, camera_features, feature_shape, camera_reference, visible)  # (B, H*W, C)
+        bev = self.norm2(self.residual_add2(bev, self.dropout2(lifted)))
         return self.ffn(bev)
 
 
@@ -112,6 +118,7 @@ class BEVEncoder(nn.Module):
         self.positional_encoding = LearnedPositionalEncoding(embed_dims, bev_h, bev_w)
         # Tells the shared sampling which camera a feature came from (BEVFormer's cams_embeds).
         self.camera_embeddings = nn.Parameter(torch.empty(num_cams, embed_dims))
+        self.camera_embedding_add = Add()
         self.layers = nn.ModuleList(
             [
                 BEVEncoderLayer(
@@ -154,7 +161,7 @@ class BEVEncoder(nn.Module):
         channels = camera_features.shape[1]
         features = camera_features.flatten(2).transpose(1, 2)  # (B*Ncam, h*w, C)
         features = features.view(batch, num_cams, height * width, channels)  # (B, Ncam, h*w, C)
-        features = features + self.camera_embeddings[None, :, None, :]
+        features = self.camera_embedding_add(features, self.camera_embeddings[None, :, None, :])
         features = features.flatten(0, 1)  # (B*Ncam, h*w, C)
 
         camera_reference, visible = project_to_cameras(

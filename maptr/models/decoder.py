@@ -25,6 +25,7 @@ from maptr.config import ModelConfig
 from maptr.models.deformable_attention import MultiScaleDeformableAttention
 from maptr.models.feed_forward import FeedForward
 from maptr.models.multihead_attention import MultiHeadAttention
+from maptr.models.tensor_ops import Add
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -38,6 +39,13 @@ class DecoupledDecoderLayer(nn.Module):
 
     def __init__(self, embed_dims: int, num_heads: int, ffn_dims: int, sampling_points: int, dropout: float) -> None:
         super().__init__()
+        # Each sum is its own module so that the quantizer can fake-quantize its inputs.
+        self.instance_pos_add = Add()
+        self.point_pos_add = Add()
+        self.cross_pos_add = Add()
+        self.residual_add1 = Add()
+        self.residual_add2 = Add()
+        self.residual_add3 = Add()
         self.instance_attn = MultiHeadAttention(embed_dims, num_heads)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dims)
@@ -76,7 +84,7 @@ class DecoupledDecoderLayer(nn.Module):
         num_instances = num_query // num_points
 
         # 1. Instance self-attention: one sequence of Q instances per (batch, point index).
-        x = (query + query_pos).view(batch, num_instances, num_points, channels)  # (B, Q, P, C)
+        x = self.instance_pos_add(query, query_pos).view(batch, num_instances, num_points, channels)  # (B, Q, P, C)
         x = x.transpose(1, 2).reshape(batch * num_points, num_instances, channels)  # (B*P, Q, C)
         v = query.view(batch, num_instances, num_points, channels).transpose(1, 2)  # (B, P, Q, C)
         v = v.reshape(batch * num_points, num_instances, channels)  # (B*P, Q, C)
@@ -88,17 +96,19 @@ class DecoupledDecoderLayer(nn.Module):
             start += size
         attended = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B*P, Q, C)
         attended = attended.view(batch, num_points, num_instances, channels).transpose(1, 2)  # (B, Q, P, C)
-        query = self.norm1(query + self.dropout1(attended.reshape(batch, num_query, channels)))
+        query = self.norm1(self.residual_add1(query, self.dropout1(attended.reshape(batch, num_query, channels))))
 
         # 2. Point self-attention: one sequence of P points per (batch, instance).
-        x = (query + query_pos).view(batch * num_instances, num_points, channels)  # (B*Q, P, C)
+        x = self.point_pos_add(query, query_pos).view(batch * num_instances, num_points, channels)  # (B*Q, P, C)
         v = query.view(batch * num_instances, num_points, channels)  # (B*Q, P, C)
         attended = self.point_attn(x, x, v).view(batch, num_query, channels)  # (B, Q*P, C)
-        query = self.norm2(query + self.dropout2(attended))
+        query = self.norm2(self.residual_add2(query, self.dropout2(attended)))
 
         # 3. Deformable cross-attention into the BEV around each point's reference.
-        attended = self.cross_attn(query + query_pos, reference_points.unsqueeze(2), bev, [bev_shape])  # (B, Q*P, C)
-        query = self.norm3(query + self.dropout3(attended))
+        attended = self.cross_attn(
+            self.cross_pos_add(query, query_pos), reference_points.unsqueeze(2), bev, [bev_shape]
+        )  # (B, Q*P, C)
+        query = self.norm3(self.residual_add3(query, self.dropout3(attended)))
         return self.ffn(query)
 
 

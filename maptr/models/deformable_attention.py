@@ -18,10 +18,13 @@ Coordinate frames and value ranges:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maptr.models.tensor_ops import Add, Mul
 
 
 def deformable_sample(
@@ -29,6 +32,7 @@ def deformable_sample(
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    multiply: Callable[[Tensor, Tensor], Tensor] = torch.mul,
 ) -> Tensor:
     """Attention-weighted sum of bilinear samples of a multi-level value map.
 
@@ -41,6 +45,8 @@ def deformable_sample(
         spatial_shapes: static list of (H_l, W_l), one per level.
         sampling_locations: (N, Lq, M, L, P, 2) normalized (x, y) in [0, 1] (outside reads zeros).
         attention_weights: (N, Lq, M, L, P), usually a softmax over (L, P) per head.
+        multiply: the product of samples and weights; a module of the caller (:class:`Mul`) so that a
+            quantizer can fake-quantize both factors, ``torch.mul`` otherwise.
     Returns:
         (N, Lq, M * D) sampled features, heads concatenated along channels.
     """
@@ -67,7 +73,7 @@ def deformable_sample(
     sampled_all = sampled_all.flatten(3)  # (N*M, D, Lq, L*P)
     weights = attention_weights.permute(0, 2, 1, 3, 4)  # (N, M, Lq, L, P)
     weights = weights.reshape(n * num_heads, 1, num_query, num_levels * num_points)  # (N*M, 1, Lq, L*P)
-    output = (sampled_all * weights).sum(-1)  # (N*M, D, Lq)
+    output = multiply(sampled_all, weights).sum(-1)  # (N*M, D, Lq)
     output = output.view(n, num_heads * head_dims, num_query)  # (N, M*D, Lq)
     return output.transpose(1, 2).contiguous()  # (N, Lq, M*D)
 
@@ -93,6 +99,8 @@ class MultiScaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        self.location_add = Add()  # reference points + normalized sampling offsets
+        self.weight_product = Mul()  # sampled values x attention weights
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -160,17 +168,17 @@ class MultiScaleDeformableAttention(nn.Module):
 
         if reference_points.dim() == 4:
             ref = reference_points.view(batch * value_groups, num_query, 1, levels, 1, 2)
-            locations = ref + offsets  # (B*G, Lq, M, L, P, 2)
+            locations = self.location_add(ref, offsets)  # (B*G, Lq, M, L, P, 2)
         elif reference_points.dim() == 5:
             anchors = reference_points.shape[3]
             if points % anchors:
                 raise ValueError(f"num_points {points} must be a multiple of the {anchors} anchors")
             ref = reference_points.view(batch * value_groups, num_query, 1, levels, 1, anchors, 2)
             offsets = offsets.view(batch * value_groups, num_query, heads, levels, points // anchors, anchors, 2)
-            locations = (ref + offsets).flatten(4, 5)  # (B*G, Lq, M, L, P, 2)
+            locations = self.location_add(ref, offsets).flatten(4, 5)  # (B*G, Lq, M, L, P, 2)
         else:
             raise ValueError(f"reference_points must be 4-D or 5-D, got shape {tuple(reference_points.shape)}")
-        output = deformable_sample(value, spatial_shapes, locations, weights)  # (B*G, Lq, C)
+        output = deformable_sample(value, spatial_shapes, locations, weights, self.weight_product)  # (B*G, Lq, C)
         return self.output_proj(output)
 
 

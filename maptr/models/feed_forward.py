@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from maptr.models.tensor_ops import Add
+
 
 class FeedForward(nn.Module):
     """Position-wise FFN with its residual connection and post-norm (BEVFormer / MapTR layer order)."""
@@ -17,6 +19,7 @@ class FeedForward(nn.Module):
         self.activation = nn.ReLU(inplace=True)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
+        self.residual_add = Add()
         self.norm = nn.LayerNorm(embed_dims)
         self._reset_parameters()
 
@@ -30,7 +33,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., C) -> (..., C)."""
         hidden = self.dropout1(self.activation(self.linear1(x)))  # (..., F)
-        return self.norm(x + self.dropout2(self.linear2(hidden)))
+        return self.norm(self.residual_add(x, self.dropout2(self.linear2(hidden))))
 
 
 def build_feed_forward(embed_dims: int, ffn_dims: int, dropout: float) -> FeedForward:

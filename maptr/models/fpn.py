@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maptr.config import ModelConfig
+from maptr.models.tensor_ops import Add
 
 
 class FPN(nn.Module):
@@ -26,6 +27,8 @@ class FPN(nn.Module):
         self.in_strides = list(in_strides)
         self.out_stride = in_strides[0]
         self.lateral_convs = nn.ModuleList([nn.Conv2d(c, out_channels, kernel_size=1) for c in in_channels])
+        # One sum per finer level (modules so that the quantizer can fake-quantize their inputs).
+        self.merge_adds = nn.ModuleList([Add() for _ in in_channels[:-1]])
         self.output_conv = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
         self.output_norm = nn.BatchNorm2d(out_channels)
         self._reset_parameters()
@@ -50,7 +53,7 @@ class FPN(nn.Module):
         fused = self.lateral_convs[-1](features[-1])  # (N, C, H/32, W/32)
         for level in range(len(features) - 2, -1, -1):
             upsampled = F.interpolate(fused, scale_factor=2.0, mode="nearest")  # (N, C, H/s_l, W/s_l)
-            fused = self.lateral_convs[level](features[level]) + upsampled
+            fused = self.merge_adds[level](self.lateral_convs[level](features[level]), upsampled)
         return self.output_norm(self.output_conv(fused))  # (N, C, H/s_0, W/s_0)
 
 

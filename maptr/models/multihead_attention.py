@@ -11,6 +11,8 @@ import math
 
 from torch import Tensor, nn
 
+from maptr.models.tensor_ops import MatMul
+
 
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over M heads (batch first)."""
@@ -26,6 +28,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dims, embed_dims)
         self.v_proj = nn.Linear(embed_dims, embed_dims)
         self.out_proj = nn.Linear(embed_dims, embed_dims)
+        self.score_matmul = MatMul()  # q @ k^T
+        self.value_matmul = MatMul()  # attention probabilities @ v
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -49,10 +53,10 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(query).view(n, num_query, heads, dims).transpose(1, 2)  # (N, M, Lq, D)
         k = self.k_proj(key).view(n, num_key, heads, dims).transpose(1, 2)  # (N, M, Lk, D)
         v = self.v_proj(value).view(n, num_key, heads, dims).transpose(1, 2)  # (N, M, Lk, D)
-        logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(dims))  # (N, M, Lq, Lk)
+        logits = self.score_matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(dims))  # (N, M, Lq, Lk)
         if attn_mask is not None:
             logits = logits + attn_mask
-        out = logits.softmax(-1) @ v  # (N, M, Lq, D)
+        out = self.value_matmul(logits.softmax(-1), v)  # (N, M, Lq, D)
         out = out.transpose(1, 2).reshape(n, num_query, self.embed_dims)  # (N, Lq, C)
         return self.out_proj(out)
 

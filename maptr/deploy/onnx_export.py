@@ -1,0 +1,177 @@
+"""ONNX export of MapTR's inference graph, float or fake-quantized (Q/DQ), with the dynamo exporter.
+
+The exported graph is :class:`~maptr.models.maptr.MapTRInference`: inputs ``img`` (1, Ncam, 3, H, W) and
+``lidar2img`` (1, Ncam, 4, 4), outputs ``scores`` (1, Q, K) sigmoid class probabilities and ``pts``
+(1, Q, P, 2) normalized points. Fake-quant modules in QUANTIZE mode become QuantizeLinear ->
+DequantizeLinear pairs through :func:`~maptr.quant.fake_quant.onnx_translation_table` (opset 21: int16
+Q/DQ needs it). Shapes are static (batch 1), as the deployed model runs one frame at a time.
+
+Export goes in two explicit steps, ``torch.export.export`` then the ONNX conversion of that program,
+so that when an operator has no ONNX translation the error names the module it sits in
+(:class:`UnexportableOperatorError`) instead of an anonymous FX node. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from maptr.atomic import atomic_file
+from maptr.models.maptr import MapTR, MapTRInference
+from maptr.quant.fake_quant import ONNX_OPSET, FakeQuantize, FakeQuantMode, onnx_translation_table
+
+INPUT_NAMES = ("img", "lidar2img")
+OUTPUT_NAMES = ("scores", "pts")
+
+
+class UnexportableOperatorError(RuntimeError):
+    """An operator of the model has no ONNX translation (or cannot be traced); names the module."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    seconds: float
+    num_nodes: int
+    scores: Tensor  # (1, Q, K) the PyTorch outputs for the example inputs (reference for ONNX Runtime)
+    pts: Tensor  # (1, Q, P, 2)
+
+
+def pinhole_rig(image_size: tuple[int, int], num_cams: int = 6) -> Tensor:
+    """lidar2img of ``num_cams`` pinhole cameras evenly spread in yaw around the car, 1.5 m up.
+
+    A stand-in for a real rig when only the graph matters (export, the model checker): every BEV
+    region is seen by some camera, so no part of the sampler runs on an empty input.
+    Returns (1, Ncam, 4, 4).
+    """
+    width, height = image_size
+    focal = 0.8 * width
+    intrinsics = torch.tensor(
+        [[focal, 0.0, width / 2, 0.0], [0.0, focal, height / 2, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    mats = []
+    for cam in range(num_cams):
+        yaw = 2.0 * math.pi * cam / num_cams
+        # Camera axes in the LiDAR frame (x right, y forward, z up): right, down, forward.
+        forward = torch.tensor([math.sin(yaw), math.cos(yaw), 0.0])
+        right = torch.tensor([math.cos(yaw), -math.sin(yaw), 0.0])
+        down = torch.tensor([0.0, 0.0, -1.0])
+        lidar2cam = torch.eye(4)
+        lidar2cam[:3, :3] = torch.stack([right, down, forward])
+        lidar2cam[:3, 3] = -lidar2cam[:3, :3] @ torch.tensor([0.0, 0.0, 1.5])  # camera 1.5 m above the LiDAR
+        mats.append(intrinsics @ lidar2cam)
+    return torch.stack(mats)[None]  # (1, Ncam, 4, 4)
+
+
+def example_inputs(model: MapTR, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Random normalized images (1, Ncam, 3, H, W) and :func:`pinhole_rig` for the model's input size."""
+    width, height = model.image_size
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(1, model.num_cams, 3, height, width, generator=gen)
+    return img, pinhole_rig((width, height), model.num_cams)
+
+
+def _check_exportable_modes(model: nn.Module) -> None:
+    observing = [
+        name for name, m in model.named_modules() if isinstance(m, FakeQuantize) and m.mode is FakeQuantMode.OBSERVE
+    ]
+    if observing:
+        raise ValueError(
+            f"{len(observing)} fake-quant(s) still in OBSERVE mode (e.g. {observing[0]!r}): calibrate and freeze "
+            "the model (maptr.quant.calibration.freeze_calibration) before exporting"
+        )
+
+
+def _module_of_failed_node(exc: BaseException, program: torch.export.ExportedProgram) -> str | None:
+    """'<module path> (<class>)' of the FX node an ONNX conversion error names, if it can be found."""
+    text = ""
+    seen: BaseException | None = exc
+    while seen is not None:  # the node is named in a chained ConversionError
+        text += f"\n{seen}"
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"translating node %(\S+) ", text)
+    if match is None:
+        return None
+    for node in program.graph.nodes:
+        if node.name == match.group(1):
+            stack = node.meta.get("nn_module_stack") or {}
+            if not stack:
+                return "the top-level module"
+            path, cls = list(stack.values())[-1]
+            path = path.removeprefix("model.")  # the export wrapper holds MapTR as .model
+            cls_name = (cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))).rsplit(".", 1)[-1]
+            return f"{path or 'the top-level module'} ({cls_name}), FX node {node.name} = {node.target}"
+    return None
+
+
+def _failure_summary(exc: BaseException) -> str:
+    """The most specific line of an exporter error chain (its DispatchError / first line)."""
+    lines = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        lines.append(str(seen).strip().splitlines()[0] if str(seen).strip() else type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    dispatch = [line for line in lines if "No ONNX function" in line or "not supported" in line.lower()]
+    return (dispatch or lines[-1:])[0]
+
+
+def export_onnx(
+    model: MapTR,
+    path: str | Path,
+    inputs: tuple[Tensor, Tensor] | None = None,
+    opset: int = ONNX_OPSET,
+) -> ExportResult:
+    """Exports ``model``'s inference graph (batch 1) to ``path`` atomically.
+
+    Args:
+        model: float or quantized MapTR (fake-quants frozen: QUANTIZE or DISABLED); put in eval mode here.
+        path: the ``.onnx`` file to write (a temporary sibling is renamed into place when complete).
+        inputs: example ``(img (1, Ncam, 3, H, W), lidar2img (1, Ncam, 4, 4))``; :func:`example_inputs`
+            by default. The graph is static: any inputs of that shape give the same graph.
+        opset: ONNX opset, 21 or later for int16 Q/DQ.
+    Raises:
+        UnexportableOperatorError naming the module when an operator cannot be traced or translated.
+    """
+    model.eval()
+    _check_exportable_modes(model)
+    wrapper = MapTRInference(model).eval()
+    img, lidar2img = inputs if inputs is not None else example_inputs(model)
+    if img.shape[0] != 1 or lidar2img.shape[0] != 1:
+        raise ValueError(f"the deployed graph takes batch 1, got img {tuple(img.shape)}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        # One eager forward: weight fake-quants take their scales from the current weights (they are
+        # read from buffers while exporting), and the outputs are the reference for ONNX Runtime.
+        scores, pts = wrapper(img, lidar2img)
+    try:
+        program = torch.export.export(wrapper, (img, lidar2img), strict=False)
+    except Exception as exc:  # torch.export raises many types; all mean "this model cannot be traced"
+        raise UnexportableOperatorError(f"torch.export cannot trace the model: {_failure_summary(exc)}") from exc
+    try:
+        onnx_program = torch.onnx.export(
+            program,
+            (img, lidar2img),
+            dynamo=True,
+            opset_version=opset,
+            custom_translation_table=onnx_translation_table(),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            verbose=False,
+        )
+    except torch.onnx.OnnxExporterError as exc:
+        where = _module_of_failed_node(exc, program) or "an unidentified module"
+        raise UnexportableOperatorError(
+            f"operator in {where} cannot be exported to ONNX opset {opset}: {_failure_summary(exc)}. "
+            "Give it an ONNX translation (as maptr.quant.fake_quant.onnx_translation_table does for "
+            "maptr::fake_quant) or express it with standard operators."
+        ) from exc
+    with atomic_file(path) as tmp:
+        onnx_program.save(str(tmp), external_data=False)
+    num_nodes = len(onnx_program.model_proto.graph.node)
+    return ExportResult(Path(path), time.perf_counter() - start, num_nodes, scores, pts)

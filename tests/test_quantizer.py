@@ -1,0 +1,200 @@
+"""Model-wide quantization: BN folding, which operators get fake-quant (and which stay float), int16 from the
+sensitivity ranking, checkpoints of quantized models, and the sensitivity analysis itself (micro preset)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_micro_params
+from torch import nn
+
+from maptr.config import ModelConfig, load_model_config, load_params
+from maptr.deploy.onnx_export import example_inputs
+from maptr.models.maptr import MapTR, build_maptr
+from maptr.models.tensor_ops import Add, MatMul, Mul
+from maptr.quant import FakeQuantize, FakeQuantMode, QuantWrapper, WeightFakeQuantize, set_fake_quant_mode
+from maptr.quant.calibration import calibrate
+from maptr.quant.quantizer import (
+    FLOAT_MODULES,
+    QuantConfig,
+    QuantizedOp,
+    build_model_from_checkpoint,
+    count_quantized_operators,
+    quantize_model,
+    quantized_operators,
+)
+from maptr.quant.sensitivity import int16_topk, rank_operators, sensitivity_report, top_operators
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine a busy second
+    # core makes every op wait for it (10x slower and more).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro_cfg(tmp_path_factory) -> ModelConfig:
+    return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
+
+
+def _float_model(cfg: ModelConfig, seed: int = 0) -> MapTR:
+    """An untrained model whose BatchNorms have non-trivial statistics (so that folding is tested)."""
+    torch.manual_seed(seed)
+    model = build_maptr(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _inputs(model: MapTR, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    img, lidar2img = example_inputs(model, seed)
+    return img.repeat(batch, 1, 1, 1, 1) + 0.1 * torch.arange(batch).view(-1, 1, 1, 1, 1), lidar2img.repeat(
+        batch, 1, 1, 1
+    )
+
+
+def _calibrated(cfg: ModelConfig, config: QuantConfig | None = None) -> tuple[MapTR, tuple]:
+    model = quantize_model(_float_model(cfg), config or QuantConfig())
+    inputs = _inputs(model)
+    calibrate(model, [{"img": inputs[0], "lidar2img": inputs[1]}])
+    return model, inputs
+
+
+def test_disabled_fake_quant_gives_the_float_model_with_folded_batch_norm(micro_cfg):
+    float_model = _float_model(micro_cfg)
+    img, lidar2img = _inputs(float_model)
+    with torch.no_grad():
+        expected = float_model(img, lidar2img)
+    model = quantize_model(_float_model(micro_cfg), QuantConfig())
+    set_fake_quant_mode(model, FakeQuantMode.DISABLED)
+    with torch.no_grad():
+        actual = model(img, lidar2img)
+    torch.testing.assert_close(actual["pred_pts"], expected["pred_pts"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=1e-4, atol=1e-4)
+    # Every BatchNorm is folded into its conv (the deployed model has none).
+    assert any(isinstance(m, nn.BatchNorm2d) for m in float_model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_every_conv_linear_add_mul_matmul_is_quantized_and_the_float_set_stays_float(micro_cfg):
+    model = quantize_model(_float_model(micro_cfg), QuantConfig())
+    float_prefixes = tuple(FLOAT_MODULES)
+    for name, module in model.named_modules():
+        inside_float = name.startswith(float_prefixes)
+        if isinstance(module, (nn.Conv2d, nn.Linear, Add, Mul, MatMul)):
+            parent = model.get_submodule(name.rpartition(".")[0])
+            wrapped = isinstance(parent, (QuantWrapper, QuantizedOp))
+            assert wrapped != inside_float, name  # wrapped exactly when outside the float set
+        if inside_float:
+            assert not isinstance(module, (FakeQuantize, QuantWrapper, QuantizedOp)), name
+    ops = quantized_operators(model)
+    kinds = {op.kind for op in ops}
+    assert {"Conv2d", "Linear", "Add", "Mul", "MatMul", "MaxPool2d"} <= kinds
+    names = {op.name for op in ops}
+    # the attention weights and the sampling offsets / reference points are quantized (as inputs)
+    assert "encoder.layers.0.cross_attn.attention.weight_product" in names
+    assert "head.decoder.layers.0.cross_attn.location_add" in names
+    assert "head.reference_points" not in names and not any(n.startswith("pv_seg_head") for n in names)
+    for op in ops:
+        assert op.activation_dtype == "uint8" and all(q.dtype == "uint8" for q in op.input_quants)
+        if op.kind in ("Conv2d", "Linear"):
+            assert op.weight_dtype == "int8" and isinstance(op.weight_quant, WeightFakeQuantize)
+            assert op.weight_quant.channel_axis == 0  # per output channel
+        else:
+            assert op.weight_dtype is None
+    assert len(ops) == count_quantized_operators(micro_cfg)  # the meta-device count agrees
+
+
+def test_int16_goes_to_the_top_of_the_ranking_and_nowhere_else(micro_cfg):
+    names = [op.name for op in quantized_operators(quantize_model(_float_model(micro_cfg), QuantConfig()))]
+    # A ranking in an arbitrary order (reversed model order): the top-k of the ranking must win, not
+    # the first k operators of the model.
+    rows = [{"name": name, "rank": rank} for rank, name in enumerate(reversed(names), start=1)]
+    top = top_operators({"operators": rows}, 3)
+    assert top == list(reversed(names))[:3]
+    model = quantize_model(_float_model(micro_cfg), QuantConfig(int16_ops=tuple(top)))
+    for op in quantized_operators(model):
+        expected = "int16" if op.name in top else "uint8"
+        assert op.activation_dtype == expected and all(q.dtype == expected for q in op.input_quants), op.name
+        if op.weight_quant is not None:
+            assert op.weight_quant.dtype == "int8"  # int16 is for activations; weights stay int8
+
+
+def test_int16_names_unknown_to_the_model_are_refused(micro_cfg):
+    with pytest.raises(ValueError, match="sensitivity ranking is from another preset"):
+        quantize_model(_float_model(micro_cfg), QuantConfig(int16_ops=("backbone.layer4.0.conv1",)))
+
+
+def test_int16_topk_is_the_reference_fraction():
+    assert int16_topk(290, 30, 290) == 30  # r50 itself: the guide's 30
+    assert int16_topk(112, 30, 290) == 12  # tiny: 30 / 290 of 112 operators = 11.6 -> 12
+    assert int16_topk(5, 30, 290) == 1  # never rounded away entirely ...
+    assert int16_topk(112, 0, 290) == 0  # ... unless asked for none
+    with pytest.raises(ValueError):
+        int16_topk(10, 3, 0)
+
+
+def test_quant_config_round_trips_and_validates():
+    config = QuantConfig(int16_ops=("b", "a", "a"), observer="mse", percentile=99.9, weight_reduce_range=False)
+    assert config.int16_ops == ("a", "b")
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="observer"):
+        QuantConfig(observer="kl")
+
+
+def test_quantized_checkpoint_rebuilds_the_same_model(micro_cfg):
+    config = QuantConfig(int16_ops=("neck.output_conv",), observer="percentile")
+    model, (img, lidar2img) = _calibrated(micro_cfg, config)
+    with torch.no_grad():
+        expected = model(img, lidar2img)
+    checkpoint = {"model": model.state_dict(), "quant": config.to_dict()}
+    rebuilt = build_model_from_checkpoint(micro_cfg, checkpoint)
+    assert isinstance(rebuilt.neck.output_conv.input_quant, FakeQuantize)
+    assert rebuilt.neck.output_conv.input_quant.dtype == "int16"
+    with torch.no_grad():
+        actual = rebuilt(img, lidar2img)
+    assert torch.equal(actual["pred_pts"], expected["pred_pts"])
+    assert torch.equal(actual["pred_logits"], expected["pred_logits"])
+    # a float checkpoint gives the float model
+    float_model = build_model_from_checkpoint(micro_cfg, {"model": _float_model(micro_cfg).state_dict()})
+    assert not any(isinstance(m, FakeQuantize) for m in float_model.modules())
+
+
+def test_quantized_outputs_differ_from_float_by_quantization_noise_only(micro_cfg):
+    model, (img, lidar2img) = _calibrated(micro_cfg)
+    with torch.no_grad():
+        quantized = model(img, lidar2img)
+        set_fake_quant_mode(model, FakeQuantMode.DISABLED)
+        reference = model(img, lidar2img)
+    difference = (quantized["pred_pts"] - reference["pred_pts"]).abs()
+    assert 0 < difference.max() < 0.05  # normalized coordinates: quantized, but not broken
+
+
+def test_sensitivity_ranks_a_damaged_operator_first(micro_cfg):
+    model, (img, lidar2img) = _calibrated(micro_cfg)
+    victim = model.head.decoder.layers[1].cross_attn.output_proj.input_quant
+    victim.scale.mul_(40.0)  # a far too coarse grid: this operator's quantization now hurts most
+    batches = [{"img": img, "lidar2img": lidar2img}]
+    rows = rank_operators(model, batches, micro_cfg.pc_range, progress=False)
+    assert len(rows) == len(quantized_operators(model))
+    assert rows[0].name == "head.decoder.layers.1.cross_attn.output_proj"
+    assert [row.rank for row in rows] == list(range(1, len(rows) + 1))
+    errors = [row.activation_nsr for row in rows]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 10 * errors[len(errors) // 2]
+    weighted = [row for row in rows if row.kind in ("Conv2d", "Linear")]
+    assert all(row.weight_nsr is not None and row.weight_nsr >= 0 for row in weighted)
+    assert all(row.weight_nsr is None for row in rows if row.kind not in ("Conv2d", "Linear"))
+    assert all(q.mode is FakeQuantMode.DISABLED for q in model.modules() if isinstance(q, FakeQuantize))
+    report = sensitivity_report(rows, preset="micro", num_operators=len(rows))
+    assert top_operators(report, 1) == ["head.decoder.layers.1.cross_attn.output_proj"]
+    # the same model and batches give the same ranking
+    again = rank_operators(model, batches, micro_cfg.pc_range, with_weights=False, progress=False)
+    assert [row.name for row in again] == [row.name for row in rows]
