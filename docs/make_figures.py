@@ -1,6 +1,6 @@
 """Regenerate the README's pictures of the synthetic data from the pipeline's outputs.
 
-    python docs/make_figures.py            # after `dvc repro pack`
+python docs/make_figures.py            # after `dvc repro pack`
 """
 
 from __future__ import annotations
