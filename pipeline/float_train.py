@@ -68,10 +68,15 @@ def main() -> None:
     criterion = build_criterion(model_cfg)
     post = build_postprocess(model_cfg)
 
+    # The predictions of the best epoch so far, so the reports need no second pass over val.
+    best_preds: dict = {"mAP": float("-inf"), "preds": None}
+
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        metrics, _ = evaluate_model(
+        metrics, preds = evaluate_model(
             torch_predictor(m, ctx.device), val_set, post, batch_size=cfg.val_batch_size, num_workers=0, ctx=ctx
         )
+        if metrics["mAP"] > best_preds["mAP"]:
+            best_preds.update(mAP=metrics["mAP"], preds=preds)
         return metrics
 
     meta_bytes = (Path(args.packed) / "metas" / "train.json").read_bytes()
@@ -88,12 +93,16 @@ def main() -> None:
                 print(message)
         state = trainer.fit()
         if ctx.is_main:
-            write_reports(args, state.history, model_cfg, val_set, post, ctx, run)
+            write_reports(args, state.history, model_cfg, val_set, post, ctx, run, best_preds)
     cleanup(ctx)
 
 
-def write_reports(args, history, model_cfg, val_set, post, ctx, run: StageRun) -> None:
-    """Metrics of the best epoch, the curve, PNGs; everything also to MLflow."""
+def write_reports(args, history, model_cfg, val_set, post, ctx, run: StageRun, best_preds: dict) -> None:
+    """Metrics of the best epoch, the curve, PNGs; everything also to MLflow.
+
+    ``best_preds`` holds the val predictions of the best epoch seen by this process; a resumed run whose
+    best epoch came before the interruption re-scores the best checkpoint instead.
+    """
     best = max(history, key=lambda h: h["mAP"])
     metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
     metrics.update(best_epoch=best["epoch"], epochs=len(history))
@@ -101,11 +110,12 @@ def write_reports(args, history, model_cfg, val_set, post, ctx, run: StageRun) -
     write_text_atomic(args.curve, json.dumps(history, indent=2))
     reports = Path(args.reports)
     viz.learning_curve(history, reports / "learning_curve.png", title=f"float-train ({model_cfg.preset})")
-    # Re-score the best checkpoint for the PR curves and a BEV picture of one val sample.
-    model = build_maptr(model_cfg)
-    model.load_state_dict(load_checkpoint(args.best)["model"])
-    model.eval()
-    _, preds = evaluate_model(torch_predictor(model, ctx.device), val_set, post, batch_size=4)
+    preds = best_preds["preds"]
+    if preds is None or best_preds["mAP"] != best["mAP"]:
+        model = build_maptr(model_cfg)
+        model.load_state_dict(load_checkpoint(args.best)["model"])
+        model.eval()
+        _, preds = evaluate_model(torch_predictor(model, ctx.device), val_set, post, batch_size=4)
     gts = [val_set.ground_truth(p["index"]) for p in preds]
     viz.pr_curves(precision_recall_curves(preds, gts), reports / "pr_curves.png", title="float model, val")
     viz.bev_comparison(gts[0], preds[0], model_cfg.pc_range, reports / "bev_val0.png", title="val sample 0")

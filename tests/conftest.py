@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,22 @@ def write_micro_params(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def float_train_cmd(params: Path, out: Path, packed: Path, nproc: int = 1, resume: bool = False) -> list[str]:
+    """pipeline/float_train.py (under torchrun when nproc > 1) with every output inside ``out``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [*(launcher or [sys.executable]), str(REPO / "pipeline" / "float_train.py"), "--params", str(params),
+           "--packed", str(packed), "--best", str(out / "best.pt"), "--last", str(out / "last.pt"),
+           "--metrics", str(out / "float.json"), "--curve", str(out / "curve.json"),
+           "--reports", str(out / "reports")]  # fmt: skip
+    return cmd + (["--resume"] if resume else [])
+
+
+def float_train_env(out: Path) -> dict[str, str]:
+    """A private MLflow store per run and one thread per process."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+            "MLFLOW_EXPERIMENT_NAME": "test"}  # fmt: skip

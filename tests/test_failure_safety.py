@@ -3,6 +3,7 @@ clear line and a non-zero exit code, an unreachable tracking server fails fast."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_micro_params
+import torch
+from conftest import float_train_cmd, float_train_env, write_micro_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +31,48 @@ def test_sigkill_during_pack_then_rerun(tiny_world, tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "metas" / "info.json").is_file() and not list(tmp_path.glob("packed.tmp-*"))
+
+
+def _global_step(last: Path) -> int:
+    """Optimizer steps recorded in a resume checkpoint (0 while none is written yet)."""
+    try:
+        return torch.load(last, map_location="cpu", weights_only=True)["train_state"]["global_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def _curve_without_times(out: Path) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in json.loads((out / "curve.json").read_text())]
+
+
+def test_sigkill_during_float_train_then_resume_matches_uninterrupted(packed_world, tmp_path):
+    # 8 micro training samples, batch 2: 4 steps per epoch, a resume checkpoint after every step.
+    params = write_micro_params(tmp_path, float={"epochs": 2, "warmup_steps": 1, "ckpt_every_steps": 1, "threads": 1})
+    ref, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    for out in (ref, killed):
+        out.mkdir()
+    res = subprocess.run(float_train_cmd(params, ref, packed_world), cwd=ref, env=float_train_env(ref),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    cmd = float_train_cmd(params, killed, packed_world, resume=True)
+    proc = subprocess.Popen(cmd, cwd=killed, env=float_train_env(killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while _global_step(killed / "last.pt") < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # wait until training is inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "float-train finished before it could be killed"
+    assert not (killed / "float.json").exists(), "a killed float-train left metrics that look finished"
+
+    res = subprocess.run(cmd, cwd=killed, env=float_train_env(killed), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout + res.stderr
+    expected = json.loads((ref / "float.json").read_text())
+    got = json.loads((killed / "float.json").read_text())
+    assert got == expected
+    assert _curve_without_times(killed) == _curve_without_times(ref)
+    assert not list(killed.glob("*.tmp*")), "temporary files left behind"
 
 
 def test_wrong_param_type_is_one_line_and_nonzero(tmp_path, packed_world):
@@ -65,3 +109,69 @@ def test_unknown_preset_on_the_command_line(tmp_path, preset):
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2 and "unknown preset 'r101'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_mlflow_ui_binds_localhost_by_default():
+    """`mlflow ui` (plain, as the README says) and `make ui` listen on 127.0.0.1 only."""
+    import mlflow.cli
+
+    host = next(p for p in mlflow.cli.server.params if p.name == "host")
+    assert host.default == "127.0.0.1", "the pinned MLflow would expose the UI to the network"
+    ui_recipe = (REPO / "Makefile").read_text().split("\nui:")[1].split("\n\n")[0]
+    assert "mlflow ui" in ui_recipe and "--host 127.0.0.1" in ui_recipe and "0.0.0.0" not in ui_recipe
+
+
+def _run_entrypoint(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pipeline" / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_truncated_checkpoint_from_the_command_line(tmp_path, packed_world):
+    params = write_micro_params(tmp_path)
+    ckpt = tmp_path / "float-checkpoint-best.pt"
+    torch.save({"model": {"w": torch.ones(1000)}, "preset": "micro"}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:300])
+    res = _run_entrypoint("predict.py", "--params", str(params), "--packed", str(packed_world), "--checkpoint",
+                          str(ckpt), cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: {ckpt}: not a readable checkpoint (truncated or corrupt" in res.stderr
+
+
+def test_corrupt_lmdb_record_from_the_command_line(tmp_path, packed_world):
+    import shutil
+
+    import lmdb
+
+    packed = tmp_path / "packed"
+    shutil.copytree(packed_world, packed)
+    env = lmdb.open(str(packed / "val_lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        blob = bytearray(txn.get(b"0"))
+        blob[-100] ^= 0xFF  # flip bits inside a JPEG
+        txn.put(b"0", bytes(blob))
+    env.close()
+    params = write_micro_params(tmp_path)
+    ckpt = tmp_path / "float.pt"
+    from maptr.config import load_model_config, load_params
+    from maptr.models.maptr import build_maptr
+    from maptr.training.checkpoint import save_checkpoint
+
+    model = build_maptr(load_model_config(load_params(params)))
+    save_checkpoint(ckpt, {"model": model.state_dict(), "preset": "micro"})
+    res = _run_entrypoint("predict.py", "--params", str(params), "--packed", str(packed), "--checkpoint", str(ckpt),
+                          cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: {packed / 'val_lmdb'} record 0: image payload fails its checksum" in res.stderr
+    assert "re-run the pack stage" in res.stderr
+
+
+def test_missing_table_from_the_command_line(tiny_world, tmp_path):
+    import shutil
+
+    root = tmp_path / "nuscenes"
+    shutil.copytree(tiny_world, root)
+    (root / "v1.0-trainval" / "calibrated_sensor.json").unlink()
+    res = _run_entrypoint("pack.py", "--dataroot", str(root), "--out", str(tmp_path / "packed"), cwd=REPO)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "calibrated_sensor.json: table missing" in res.stderr
+    assert not (tmp_path / "packed").exists()

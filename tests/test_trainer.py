@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_micro_params
+from conftest import float_train_cmd, float_train_env, write_micro_params
 
 from maptr.config import TrainConfig, load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
@@ -114,23 +112,10 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "none.pt")
 
 
-def run_float_train(params: Path, out: Path, packed: Path, nproc: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    env["MLFLOW_EXPERIMENT_NAME"] = "test"
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        if nproc > 1
-        else [sys.executable]
-    )
-    cmd = [*launcher, str(REPO / "pipeline" / "float_train.py"), "--params", str(params), "--packed", str(packed),
-           "--best", str(out / "best.pt"), "--last", str(out / "last.pt"), "--metrics", str(out / "float.json"),
-           "--curve", str(out / "curve.json"), "--reports", str(out / "reports")]  # fmt: skip
-    return subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_float_train_under_torchrun_two_ranks(packed_world, tmp_path):
     params = write_micro_params(tmp_path, float={"epochs": 1, "batch_size": 2, "num_workers": 0, "warmup_steps": 1})
-    res = run_float_train(params, tmp_path, packed_world, nproc=2)
+    cmd = float_train_cmd(params, tmp_path, packed_world, nproc=2)
+    res = subprocess.run(cmd, cwd=tmp_path, env=float_train_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "float.json").read_text())
     assert set(metrics) >= {"mAP", "AP_divider", "AP_ped_crossing", "AP_boundary"}
