@@ -107,6 +107,35 @@ class QATConfig(TrainConfig):
 
 
 @dataclass
+class ExportConfig:
+    """Stage ``export``: the QAT model (Q/DQ) and the float model to ONNX."""
+
+    opset: int = 21  # int16 QuantizeLinear / DequantizeLinear exist from opset 21 on
+    seed: int = 0  # of the random example images the graph is traced with (the graph does not depend on it)
+    threads: int = 1  # torch threads while tracing and for the reference forward
+
+
+@dataclass
+class CompileConfig:
+    """Stage ``compile``: ONNX Runtime's graph optimizations saved into the deployed model, and its latency."""
+
+    optimization_level: str = "extended"  # saved into the model: basic | extended | all (all is CPU-specific)
+    threads: int = 2  # ORT intra-op threads of the latency measurement (and of the deployed model)
+    warmup: int = 10  # runs of each model before timing
+    runs: int = 50  # timed runs of each model, float and deployed interleaved
+    profile_runs: int = 5  # profiled runs (per-operator times of the op table)
+
+
+@dataclass
+class ValidateConfig:
+    """Stage ``validate``: deployed model on ONNX Runtime over the val split vs the QAT model in PyTorch."""
+
+    batch_size: int = 4  # loader batch (ORT runs the batch-1 graph once per sample)
+    threads: int = 1  # torch and ORT intra-op threads
+    top_k: int = 20  # queries compared for class agreement (by the QAT model's best score)
+
+
+@dataclass
 class CriterionConfig:
     """Loss and matching weights (the guide's MapTRCriterion / MapTRAssigner)."""
 

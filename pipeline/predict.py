@@ -2,6 +2,7 @@
 
 python pipeline/predict.py --stage float
 python pipeline/predict.py --stage calibration      # or qat: the fake-quant model of that stage
+python pipeline/predict.py --stage int_infer        # the deployed model (models/maptr_deploy.onnx) on ONNX Runtime
 python pipeline/predict.py --stage float --checkpoint models/float-checkpoint-best.pt --limit 50
 """
 
@@ -16,6 +17,7 @@ from maptr import cli
 from maptr.atomic import write_text_atomic
 from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
+from maptr.deploy.ort_runner import SAVED, OrtPredictor
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.quant.quantizer import build_model_from_checkpoint
@@ -25,13 +27,15 @@ STAGES = {
     "float": "models/float-checkpoint-best.pt",
     "calibration": "models/calibration-checkpoint-best.pt",
     "qat": "models/qat-checkpoint-best.pt",
+    "int_infer": "models/maptr_deploy.onnx",  # ONNX Runtime, the validate stage's model
 }
 
 
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--stage", choices=sorted(STAGES), default="float", help="which model to evaluate")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best; int_infer: .onnx)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (int_infer)")
     p.add_argument("--packed", default="data/packed", help="packed dataset")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
@@ -41,12 +45,16 @@ def main() -> None:
 
     model_cfg = load_model_config(load_params(args.params))
     path = args.checkpoint or STAGES[args.stage]
-    # Float, or the fake-quant model rebuilt from the quantization config the checkpoint carries.
-    model = build_model_from_checkpoint(model_cfg, load_checkpoint(path, expect_preset=model_cfg.preset))
+    if args.stage == "int_infer":
+        predictor = OrtPredictor.from_path(path, args.threads, SAVED)
+    else:
+        # Float, or the fake-quant model rebuilt from the quantization config the checkpoint carries.
+        model = build_model_from_checkpoint(model_cfg, load_checkpoint(path, expect_preset=model_cfg.preset))
+        predictor = torch_predictor(model, torch.device("cpu"))
     dataset = PackedMapDataset(args.packed, args.split, DatasetOptions.from_model(model_cfg))
     start = time.perf_counter()
     metrics, _ = evaluate_model(
-        torch_predictor(model, torch.device("cpu")),
+        predictor,
         dataset,
         build_postprocess(model_cfg),
         batch_size=args.batch_size,

@@ -114,13 +114,16 @@ def _module_scopes(model: onnx.ModelProto) -> dict[str, str]:
 
 def run_onnx_runtime(
     onnx_path: str | Path, optimized_path: str | Path, inputs: dict[str, np.ndarray], level: str = "extended",
-    threads: int = 1,
+    threads: int = 1, runs: int = 1,
 ) -> tuple[list[KernelInfo], list[np.ndarray]]:  # fmt: skip
-    """Optimizes ``onnx_path`` with ORT (saved to ``optimized_path``), runs it once with profiling.
+    """Optimizes ``onnx_path`` with ORT (saved to ``optimized_path``), runs it ``runs`` times with profiling.
 
-    Returns the kernels of the optimized graph, in graph order, with the input types they received,
-    and the outputs of the run.
+    Returns the kernels of the optimized graph, in graph order, with the input types they received and
+    their mean time per run (the first run included: ORT allocates its buffers then), and the outputs of
+    the last run.
     """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.optimized_model_filepath = str(optimized_path)
@@ -130,20 +133,32 @@ def run_onnx_runtime(
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(optimized_path).with_suffix("")) + "_profile"
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    outputs = session.run(None, inputs)
+    for _ in range(runs):
+        outputs = session.run(None, inputs)
     profile_path = Path(session.end_profiling())
     events = json.loads(profile_path.read_text())
     profile_path.unlink()
-    ran = {}
+    ran: dict[str, tuple[list[str], int]] = {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             types = [next(iter(entry)) for entry in event["args"].get("input_type_shape", [])]
-            ran[event["name"].removesuffix("_kernel_time")] = (types, int(event.get("dur", 0)))
+            name = event["name"].removesuffix("_kernel_time")
+            ran[name] = (types, ran.get(name, ([], 0))[1] + int(event.get("dur", 0)))
+    ran = {name: (types, round(micros / runs)) for name, (types, micros) in ran.items()}
     kernels = []
     for node in onnx.load(str(optimized_path)).graph.node:
         types, micros = ran.get(node.name, ([], 0))
         kernels.append(KernelInfo(node.name, node.op_type, list(node.input), types, micros))
     return kernels, outputs
+
+
+def kernel_class(kernel: KernelInfo) -> str:
+    """What a kernel of ORT's optimized graph does: "qdq", "data_movement", "integer" or "float" compute."""
+    if kernel.op_type in _QDQ:
+        return "qdq"
+    if kernel.op_type in _DATA_MOVEMENT:
+        return "data_movement"
+    return "integer" if kernel.integer else "float"
 
 
 def check_operators(

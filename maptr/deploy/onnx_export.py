@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import torch
 from torch import Tensor, nn
 
@@ -175,3 +176,49 @@ def export_onnx(
         onnx_program.save(str(tmp), external_data=False)
     num_nodes = len(onnx_program.model_proto.graph.node)
     return ExportResult(Path(path), time.perf_counter() - start, num_nodes, scores, pts)
+
+
+def check_onnx_file(path: str | Path) -> dict[str, list[int]]:
+    """``onnx.checker`` (full check) and strict shape inference of an exported file.
+
+    Returns the inferred static shape of every graph output (name -> dims); raises
+    ``onnx.checker.ValidationError`` / ``onnx.shape_inference.InferenceError`` on an invalid model and
+    ValueError when an output shape is not fully static.
+    """
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    shapes = {}
+    for output in inferred.graph.output:
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in output.type.tensor_type.shape.dim]
+        if not dims or min(dims) < 1:
+            raise ValueError(f"{path}: output {output.name} has no static shape after inference ({dims})")
+        shapes[output.name] = dims
+    return shapes
+
+
+def qdq_dtype_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """QuantizeLinear nodes per quantized type (the dtype of their zero point): {"uint8": n, "int8": n, ...}."""
+    dtypes = {init.name: init.data_type for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    dtypes[node.output[0]] = attr.t.data_type
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            name = onnx.helper.tensor_dtype_to_np_dtype(dtypes.get(node.input[2], onnx.TensorProto.UINT8)).name
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def log_onnx_model(path: str | Path, name: str) -> bool:
+    """Logs ``path`` as an MLflow model (flavour ``onnx``) to the active run; False when none is active."""
+    import mlflow
+    import mlflow.onnx
+
+    if mlflow.active_run() is None:  # tracking off (e.g. StageRun disabled on a non-zero rank)
+        return False
+    mlflow.onnx.log_model(onnx.load(str(path)), name=name, pip_requirements=["onnx", "onnxruntime"])
+    return True

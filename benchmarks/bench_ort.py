@@ -1,0 +1,87 @@
+"""ONNX Runtime deployment: float ONNX vs deployed (Q/DQ optimized) latency, and the r50 preset's export.
+
+    python benchmarks/bench_ort.py --threads 1 --runs 30          # tiny: the stage's models (after dvc repro)
+    python benchmarks/bench_ort.py --threads 2 --runs 30
+    python benchmarks/bench_ort.py --r50                          # untrained r50: export float + Q/DQ, timed
+
+Latency: models/maptr_float.onnx (ORT's default optimizations, `all`) and models/maptr_deploy.onnx (saved
+at the compile level, loaded without re-optimizing) run round-robin on the same random frame; prints
+min / median / p90 and the ratio. `--r50` builds the untrained r50 preset (800x480, ResNet50, BEV 200x100),
+exports it as float ONNX, then quantizes it (all 8-bit, calibrated on one random frame) and exports the
+Q/DQ graph, printing each step's time and the files' sizes (a few minutes; no latency measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maptr.config import load_model_config, load_params
+from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx
+from maptr.deploy.ort_compile import interleaved_latency
+from maptr.deploy.ort_runner import SAVED
+from maptr.models.maptr import build_maptr
+from maptr.quant.calibration import calibrate
+from maptr.quant.quantizer import QuantConfig, quantize_model
+
+
+def latency(args: argparse.Namespace) -> None:
+    models = {"float": (args.float_model, "all"), "deployed": (args.deployed, SAVED)}
+    cfg = load_model_config(load_params(args.params))
+    img, lidar2img = example_inputs(build_maptr(cfg))
+    feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
+    times = interleaved_latency(models, feeds, args.threads, args.warmup, args.runs)
+    print(f"{args.threads} thread(s), {args.runs} interleaved runs, load average {os.getloadavg()}")
+    for name, ms in times.items():
+        print(f"  {name:<9} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
+    ratio = np.median(times["deployed"]) / np.median(times["float"])
+    print(f"  deployed / float p50: {ratio:.2f} (min: {times['deployed'].min() / times['float'].min():.2f})")
+
+
+def r50_export(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    params["model"]["preset"] = "r50"
+    cfg = load_model_config(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        model = build_maptr(cfg).eval()
+        inputs = example_inputs(model)
+        result = export_onnx(model, Path(tmp) / "r50_float.onnx", inputs)
+        check_onnx_file(result.path)
+        size = result.path.stat().st_size / 2**20
+        print(f"r50 float: exported in {result.seconds:.0f} s, {result.num_nodes} nodes, {size:.0f} MB, checked")
+        result.path.unlink()
+        quantize_model(model, QuantConfig())
+        begin = time.perf_counter()
+        calibrate(model, [{"img": inputs[0], "lidar2img": inputs[1]}])
+        print(f"r50 quantized and calibrated on one frame in {time.perf_counter() - begin:.0f} s")
+        result = export_onnx(model, Path(tmp) / "r50_qdq.onnx", inputs)
+        check_onnx_file(result.path)
+        size = result.path.stat().st_size / 2**20
+        print(f"r50 Q/DQ: exported in {result.seconds:.0f} s, {result.num_nodes} nodes, {size:.0f} MB, checked; "
+              f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--float", dest="float_model", default="models/maptr_float.onnx")
+    p.add_argument("--deployed", default="models/maptr_deploy.onnx")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--r50", action="store_true", help="time the untrained r50 export instead")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    r50_export(args) if args.r50 else latency(args)
+
+
+if __name__ == "__main__":
+    main()

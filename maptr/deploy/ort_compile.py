@@ -1,0 +1,176 @@
+"""Compiling for ONNX Runtime (CPU): optimize the Q/DQ graph once, save it, and measure what it became.
+
+"Compiling" here is ORT's own graph optimizer run ahead of time: at ``extended`` level it fuses every
+``DequantizeLinear -> op -> QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm,
+QLinearAdd, QLinearMatMul, ...), folds constants and fuses LayerNorm / GELU patterns; the result is
+written with ``SessionOptions.optimized_model_filepath`` and later loaded with optimizations off, so the
+deployed file is exactly what runs. ``all`` would add CPU-specific layouts (NCHWc) to the saved file.
+
+The report puts the deployed model beside the float ONNX model: latency percentiles over interleaved
+runs (both models see the same machine conditions), file size, operator-type counts of ORT's optimized
+graph, and how many compute kernels take integer inputs vs float, from ORT's profiler
+(:func:`maptr.deploy.checker.run_onnx_runtime`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from maptr.atomic import atomic_file
+from maptr.deploy.checker import LEVELS, KernelInfo, kernel_class, run_onnx_runtime
+from maptr.deploy.ort_runner import SAVED, create_session, run_frame, session_options
+
+COMPILE_KEYS = ("latency_ms_p50", "latency_ms_p90", "size_mb", "ops")
+
+
+def optimize_and_save(source: str | Path, target: str | Path, level: str = "extended") -> Path:
+    """ORT's graph optimizations of ``source`` at ``level``, saved (atomically) as ONNX to ``target``."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
+    import onnxruntime as ort
+
+    target = Path(target)
+    with atomic_file(target) as tmp:
+        options = session_options(threads=1, level=level)
+        options.optimized_model_filepath = str(tmp)
+        # The temporary name has no .onnx / .ort suffix, from which ORT would guess the format.
+        options.add_session_config_entry("session.save_model_format", "ONNX")
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(str(tmp))  # what ORT wrote is a loadable, valid model
+    return target
+
+
+def outputs_match(
+    reference: str | Path, deployed: str | Path, feeds: dict[str, np.ndarray], level: str
+) -> dict[str, float]:
+    """Max |difference| per output between ``reference`` optimized in memory and the saved ``deployed`` file.
+
+    Both are ORT's kernels for the same graph, so anything above float rounding means the saved file is
+    not the model that was optimized.
+    """
+    fresh = create_session(reference, threads=1, level=level)
+    saved = create_session(deployed, threads=1, level=SAVED)
+    a = run_frame(fresh, feeds["img"], feeds["lidar2img"])
+    b = run_frame(saved, feeds["img"], feeds["lidar2img"])
+    return {name: float(np.abs(x - y).max()) for name, x, y in zip(("scores", "pts"), a, b, strict=True)}
+
+
+def interleaved_latency(
+    models: dict[str, tuple[str | Path, str]], feeds: dict[str, np.ndarray], threads: int, warmup: int, runs: int
+) -> dict[str, np.ndarray]:
+    """Wall-clock milliseconds of ``runs`` runs of each model, taken round-robin after ``warmup`` rounds.
+
+    Args:
+        models: name -> (path, load-time optimization level).
+        feeds: one frame's inputs (img, lidar2img).
+    Returns:
+        name -> (runs,) milliseconds. Round-robin order means a load change on the machine hits every
+        model alike, so their ratio stays meaningful when the absolute figures do not.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
+    sessions = {name: create_session(path, threads, level) for name, (path, level) in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for round_index in range(warmup + runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            run_frame(session, feeds["img"], feeds["lidar2img"])
+            if round_index >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: np.asarray(values) for name, values in times.items()}
+
+
+@dataclass
+class OpTable:
+    """Operator figures of one model as ORT runs it (its optimized graph, profiled)."""
+
+    op_counts: dict[str, int]  # op type -> nodes in the optimized graph
+    kernel_classes: dict[str, int]  # integer / float / qdq / data_movement -> nodes
+    microseconds_by_op: dict[str, int]  # op type (with input type) -> profiled time per run
+
+    def to_dict(self) -> dict:
+        return {
+            "op_counts": self.op_counts,
+            "integer_kernels": self.kernel_classes.get("integer", 0),
+            "float_kernels": self.kernel_classes.get("float", 0),
+            "qdq_nodes": self.kernel_classes.get("qdq", 0),
+            "data_movement_nodes": self.kernel_classes.get("data_movement", 0),
+            "microseconds_by_op": self.microseconds_by_op,
+        }
+
+
+def op_table(kernels: list[KernelInfo]) -> OpTable:
+    """Counts and profiled times of :func:`~maptr.deploy.checker.run_onnx_runtime`'s kernels."""
+    counts = Counter(kernel.op_type for kernel in kernels)
+    classes = Counter(kernel_class(kernel) for kernel in kernels)
+    micros: Counter[str] = Counter()
+    for kernel in kernels:
+        dtype = kernel.input_types[0] if kernel.input_types else "-"
+        micros[f"{kernel.op_type} ({dtype})"] += kernel.microseconds
+    return OpTable(dict(sorted(counts.items())), dict(classes), dict(micros.most_common()))
+
+
+def profile_ops(path: str | Path, feeds: dict[str, np.ndarray], threads: int, runs: int, level: str) -> OpTable:
+    """:class:`OpTable` of ``path`` optimized at ``level`` as its latency session is ("basic" for a saved,
+    already optimized model: it only re-runs the constant folding that was done already)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels, _ = run_onnx_runtime(path, Path(tmp) / "profiled.onnx", feeds, level, threads, runs)
+    return op_table(kernels)
+
+
+def model_figures(latency_ms: np.ndarray, path: str | Path, table: OpTable) -> dict:
+    """One model's entry of ``reports/compile.json``: the documented keys plus the op details."""
+    return {
+        "latency_ms_p50": float(np.percentile(latency_ms, 50)),
+        "latency_ms_p90": float(np.percentile(latency_ms, 90)),
+        "latency_ms_min": float(latency_ms.min()),
+        "size_mb": Path(path).stat().st_size / 2**20,
+        "ops": table.to_dict(),
+    }
+
+
+def compile_markdown(report: dict, top: int = 12) -> str:
+    """The readable table of a compile report: figures side by side, then where the time goes."""
+    float_, deployed = report["float"], report["deployed"]
+    lines = [
+        f"# Compile report: {report['deployed_model']} vs {report['float_model']}",
+        "",
+        f"ONNX Runtime {report['onnxruntime']} CPU, {report['threads']} intra-op thread(s), "
+        f"{report['runs']} interleaved runs after {report['warmup']} warm-up rounds; load average "
+        f"{report['load_average']}; graph optimizations saved at `{report['optimization_level']}`.",
+        "",
+        "| | float ONNX | deployed (Q/DQ, optimized) |",
+        "|---|---|---|",
+        f"| latency p50 (ms) | {float_['latency_ms_p50']:.1f} | {deployed['latency_ms_p50']:.1f} |",
+        f"| latency p90 (ms) | {float_['latency_ms_p90']:.1f} | {deployed['latency_ms_p90']:.1f} |",
+        f"| latency min (ms) | {float_['latency_ms_min']:.1f} | {deployed['latency_ms_min']:.1f} |",
+        f"| size (MB) | {float_['size_mb']:.2f} | {deployed['size_mb']:.2f} |",
+        f"| integer compute kernels | {float_['ops']['integer_kernels']} | {deployed['ops']['integer_kernels']} |",
+        f"| float compute kernels | {float_['ops']['float_kernels']} | {deployed['ops']['float_kernels']} |",
+        f"| Q / DQ nodes left | {float_['ops']['qdq_nodes']} | {deployed['ops']['qdq_nodes']} |",
+        "",
+        f"Speed-up (p50 float / p50 deployed): **{report['speedup_p50']:.2f}x** "
+        f"(deployed / float = {1 / report['speedup_p50']:.2f}).",
+        "",
+        f"Maximum |saved deployed model - in-memory optimization| per output: {report['saved_model_check']}.",
+        "",
+    ]
+    for name, entry in (("float", float_), ("deployed", deployed)):
+        micros = entry["ops"]["microseconds_by_op"]
+        total = max(sum(micros.values()), 1)
+        lines += [f"## Where the time goes: {name} (profiled, per run)", "", "| op (input type) | us | share |",
+                  "|---|---|---|"]  # fmt: skip
+        for op, us in list(micros.items())[:top]:
+            lines.append(f"| {op} | {us} | {100 * us / total:.1f}% |")
+        lines.append("")
+    lines += ["## Operator types in the optimized graphs", "", "| op type | float | deployed |", "|---|---|---|"]
+    for op in sorted(set(float_["ops"]["op_counts"]) | set(deployed["ops"]["op_counts"])):
+        lines.append(f"| {op} | {float_['ops']['op_counts'].get(op, 0)} | {deployed['ops']['op_counts'].get(op, 0)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""Stage `compile` (the guide's compile_perf_hbir): the deployable model for ONNX Runtime on CPU, and its figures.
+
+    python pipeline/compile.py --params params.yaml
+
+Reads section `compile`. ONNX Runtime optimizes models/maptr_qdq.onnx at `compile.optimization_level`
+(Q/DQ groups fused into integer kernels, constants folded) and the result is saved as
+models/maptr_deploy.onnx, then loaded back with optimizations off and checked to give the outputs of
+the in-memory optimization. Then the deployed model and models/maptr_float.onnx (ORT's default
+optimizations, its best) are timed interleaved with `compile.threads` threads: latency p50 / p90 over
+`compile.runs` runs after `compile.warmup` rounds, size, operator types, integer vs float kernels and
+profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from maptr import cli
+from maptr.atomic import write_text_atomic
+from maptr.config import CompileConfig, ParamsError, load_params, load_section
+from maptr.deploy.checker import LEVELS
+from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig
+from maptr.deploy.ort_compile import (
+    compile_markdown,
+    interleaved_latency,
+    model_figures,
+    optimize_and_save,
+    outputs_match,
+    profile_ops,
+)
+from maptr.deploy.ort_runner import SAVED, create_session
+from maptr.training.tracking import StageRun
+
+SAVED_MODEL_TOLERANCE = 1e-5  # the saved file runs the same kernels as the in-memory optimization
+
+
+def frame_inputs(path: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random normalized images and a pinhole rig at the model's input shape (read from the file)."""
+    shape = create_session(path, threads=1, level=SAVED).get_inputs()[0].shape  # [1, Ncam, 3, H, W]
+    gen = torch.Generator().manual_seed(seed)
+    img = torch.randn(*shape, generator=gen)  # (1, Ncam, 3, H, W)
+    return {"img": img.numpy(), "lidar2img": pinhole_rig((shape[4], shape[3]), shape[1]).numpy()}
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--qdq", default="models/maptr_qdq.onnx", help="exported Q/DQ model")
+    p.add_argument("--float", dest="float_model", default="models/maptr_float.onnx", help="float ONNX baseline")
+    p.add_argument("--out", default="models/maptr_deploy.onnx", help="deployable (optimized) model")
+    p.add_argument("--report", default="reports/compile.json")
+    p.add_argument("--table", default="reports/compile.md", help="the readable table of the report")
+    args = p.parse_args()
+
+    params = load_params(args.params)
+    cfg = load_section(params, "compile", CompileConfig)
+    if cfg.optimization_level not in LEVELS:
+        raise ParamsError(f"{args.params}: compile.optimization_level: {cfg.optimization_level!r} is not one of "
+                          f"{sorted(LEVELS)}")  # fmt: skip
+    if cfg.threads < 1 or cfg.runs < 1:
+        raise ParamsError(f"{args.params}: compile.threads and compile.runs must be >= 1")
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    optimize_and_save(args.qdq, args.out, cfg.optimization_level)
+    feeds = frame_inputs(args.qdq)
+    check = outputs_match(args.qdq, args.out, feeds, cfg.optimization_level)
+    if max(check.values()) > SAVED_MODEL_TOLERANCE:
+        raise RuntimeError(f"{args.out} does not reproduce the optimized model's outputs: max diff {check}")
+    compile_seconds = time.perf_counter() - start
+
+    models = {"float": (args.float_model, "all"), "deployed": (args.out, SAVED)}
+    latency = interleaved_latency(models, feeds, cfg.threads, cfg.warmup, cfg.runs)
+    tables = {
+        "float": profile_ops(args.float_model, feeds, cfg.threads, cfg.profile_runs, "all"),
+        "deployed": profile_ops(args.out, feeds, cfg.threads, cfg.profile_runs, "basic"),
+    }
+    report = {name: model_figures(latency[name], models[name][0], tables[name]) for name in ("float", "deployed")}
+    report["speedup_p50"] = report["float"]["latency_ms_p50"] / report["deployed"]["latency_ms_p50"]
+    report.update(
+        deployed_model=args.out, float_model=args.float_model, optimization_level=cfg.optimization_level,
+        threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, onnxruntime=ort.__version__,
+        load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check,
+        compile_seconds=compile_seconds,
+    )  # fmt: skip
+    write_text_atomic(args.report, json.dumps(report, indent=2))
+    write_text_atomic(args.table, compile_markdown(report))
+    f, d = report["float"], report["deployed"]
+    print(
+        f"deployed {args.out}: p50 {d['latency_ms_p50']:.1f} ms (p90 {d['latency_ms_p90']:.1f}), "
+        f"{d['ops']['integer_kernels']} integer / {d['ops']['float_kernels']} float kernels, {d['size_mb']:.1f} MB\n"
+        f"float    {args.float_model}: p50 {f['latency_ms_p50']:.1f} ms (p90 {f['latency_ms_p90']:.1f}), "
+        f"{f['size_mb']:.1f} MB\nspeed-up {report['speedup_p50']:.2f}x ({cfg.threads} threads, load "
+        f"{report['load_average']}); {time.perf_counter() - start:.0f} s in all"
+    )
+
+    with StageRun("compile", {"compile": asdict(cfg)}) as run:
+        run.log_metrics({
+            "float/latency_ms_p50": f["latency_ms_p50"], "float/latency_ms_p90": f["latency_ms_p90"],
+            "deployed/latency_ms_p50": d["latency_ms_p50"], "deployed/latency_ms_p90": d["latency_ms_p90"],
+            "deployed/size_mb": d["size_mb"], "deployed/integer_kernels": d["ops"]["integer_kernels"],
+            "deployed/float_kernels": d["ops"]["float_kernels"], "speedup_p50": report["speedup_p50"],
+        })  # fmt: skip
+        run.log_artifact(args.report)
+        run.log_artifact(args.table)
+        log_onnx_model(args.out, "maptr_deploy")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,167 @@
+"""Compile and validate stages: the saved deployed model, compile.json's documented keys, the agreement figures."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import write_micro_params
+
+from maptr.config import load_model_config, load_params
+from maptr.deploy.onnx_export import example_inputs, export_onnx
+from maptr.deploy.ort_compile import COMPILE_KEYS, op_table, optimize_and_save, outputs_match
+from maptr.deploy.ort_runner import SAVED, OrtPredictor, create_session, output_agreement, scores_to_logits
+from maptr.models.maptr import build_maptr
+from maptr.quant.calibration import calibrate
+from maptr.quant.quantizer import QuantConfig, quantize_model
+from maptr.training.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """Micro params, a calibrated micro model saved as a QAT checkpoint, and both exports."""
+    out = tmp_path_factory.mktemp("deploy")
+    params = write_micro_params(out, compile={"threads": 1, "warmup": 1, "runs": 4, "profile_runs": 1},
+                                validate={"batch_size": 2, "top_k": 5})  # fmt: skip
+    cfg = load_model_config(load_params(params))
+    torch.manual_seed(0)
+    quant_cfg = QuantConfig(int16_ops=("head.cls_branches.1.0",), observer="minmax")
+    model = quantize_model(build_maptr(cfg), quant_cfg)
+    inputs = example_inputs(model)
+    calibrate(model, [{"img": inputs[0], "lidar2img": inputs[1]}])
+    save_checkpoint(out / "qat.pt", {"model": model.state_dict(), "stage": "qat", "preset": "micro",
+                                     "quant": quant_cfg.to_dict()})  # fmt: skip
+    export_onnx(model, out / "qdq.onnx", inputs)
+    torch.manual_seed(0)
+    export_onnx(build_maptr(cfg), out / "float.onnx", inputs)
+    return {"dir": out, "params": params, "cfg": cfg, "inputs": inputs}
+
+
+def _run_stage(script: str, monkeypatch, tmp_path: Path, *args: str) -> None:
+    """Runs a pipeline script's main() in this process (no interpreter start-up), MLflow in tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(REPO / "pipeline" / script), run_name="stage")["main"]()
+
+
+def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp_path):
+    deployed = optimize_and_save(micro["dir"] / "qdq.onnx", tmp_path / "deploy.onnx", "extended")
+    op_types = {node.op_type for node in onnx.load(str(deployed)).graph.node}
+    assert {"QLinearConv", "GridSample"} <= op_types and "Conv" not in op_types  # fused, saved to disk
+    img, lidar2img = micro["inputs"]
+    feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
+    assert max(outputs_match(micro["dir"] / "qdq.onnx", deployed, feeds, "extended").values()) == 0.0
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch):
+    d = micro["dir"]
+    report, table = tmp_path / "compile.json", tmp_path / "compile.md"
+    _run_stage("compile.py", monkeypatch, tmp_path, "--params", str(micro["params"]), "--qdq", str(d / "qdq.onnx"),
+               "--float", str(d / "float.onnx"), "--out", str(tmp_path / "deploy.onnx"), "--report", str(report),
+               "--table", str(table))  # fmt: skip
+    doc = json.loads(report.read_text())
+    for name in ("float", "deployed"):
+        assert set(COMPILE_KEYS) <= set(doc[name])
+        entry = doc[name]
+        assert 0 < entry["latency_ms_p50"] <= entry["latency_ms_p90"]
+        assert entry["ops"]["op_counts"] and sum(entry["ops"]["op_counts"].values()) > 20
+    assert doc["speedup_p50"] == pytest.approx(doc["float"]["latency_ms_p50"] / doc["deployed"]["latency_ms_p50"])
+    assert doc["float"]["ops"]["integer_kernels"] == 0 and doc["float"]["ops"]["qdq_nodes"] == 0
+    assert doc["deployed"]["ops"]["integer_kernels"] > 10 and doc["deployed"]["ops"]["op_counts"]["QLinearConv"] > 5
+    assert doc["deployed"]["size_mb"] < doc["float"]["size_mb"]  # int8 weights
+    assert doc["threads"] == 1 and doc["runs"] == 4
+    text = table.read_text()
+    assert "latency p50" in text and "QLinearConv" in text and "Speed-up" in text
+    create_session(tmp_path / "deploy.onnx", threads=1, level=SAVED)  # loads without re-optimizing
+
+
+def test_output_agreement_on_a_hand_made_case():
+    ref_scores = np.zeros((2, 4, 3))
+    ref_scores[:, :, 0] = [0.9, 0.8, 0.1, 0.05]  # queries 0, 1 are the top-2, best class 0
+    scores = ref_scores.copy()
+    scores[0, 1] = [0.7, 0.75, 0.0]  # sample 0: query 1 switches to class 1 (diff 0.1 and 0.75)
+    scores[1, 3, 2] = 0.5  # a low-ranked query changes: outside the top-2
+    ref_pts = np.full((2, 4, 5, 2), 0.5)
+    pts = ref_pts.copy()
+    pts[1, 0, 2] = [0.6, 0.55]  # 0.1 * 30 m in x, 0.05 * 60 m in y: 3 m, 3 m -> 4.243 m
+    got = output_agreement(scores, pts, ref_scores, ref_pts, PC_RANGE, top_k=2)
+    assert got["scores_max_abs_diff"] == pytest.approx(0.75)
+    assert got["scores_mean_abs_diff"] == pytest.approx((0.1 + 0.75 + 0.5) / 24)
+    assert got["pts_max_abs_diff"] == pytest.approx(0.1)
+    assert got["pts_max_abs_diff_m"] == pytest.approx(np.hypot(3.0, 3.0))
+    assert got["pts_mean_abs_diff_m"] == pytest.approx(np.hypot(3.0, 3.0) / 40)
+    assert got["topk_pts_mean_abs_diff_m"] == pytest.approx(np.hypot(3.0, 3.0) / 20)
+    assert got["topk_class_agreement"] == pytest.approx(3 / 4)
+    assert got["samples"] == 2 and got["top_k"] == 2
+    with pytest.raises(ValueError, match="top_k"):
+        output_agreement(scores, pts, ref_scores, ref_pts, PC_RANGE, top_k=5)
+
+
+def test_scores_to_logits_inverts_the_sigmoid_including_saturation():
+    scores = np.array([0.0, 1e-6, 0.25, 0.5, 0.999, 1.0], dtype=np.float32)
+    logits = scores_to_logits(scores)
+    assert np.isneginf(logits[0]) and np.isposinf(logits[-1])
+    assert torch.sigmoid(torch.from_numpy(logits)).numpy() == pytest.approx(scores, abs=1e-7)
+
+
+def test_validate_stage_scores_the_deployed_model_and_its_agreement(micro, packed_world, tmp_path, monkeypatch):
+    d = micro["dir"]
+    deployed = optimize_and_save(d / "qdq.onnx", tmp_path / "deploy.onnx", "extended")
+    metrics = tmp_path / "deployed.json"
+    _run_stage("validate.py", monkeypatch, tmp_path, "--params", str(micro["params"]), "--deployed", str(deployed),
+               "--qat-checkpoint", str(d / "qat.pt"), "--packed", str(packed_world),
+               "--metrics", str(metrics))  # fmt: skip
+    doc = json.loads(metrics.read_text())
+    assert {"mAP", "AP_divider", "AP_ped_crossing", "AP_boundary", "AP_divider_0.5"} <= set(doc)
+    agreement = doc["agreement"]
+    assert agreement["samples"] == 4 and agreement["top_k"] == 5  # the whole val split of the tiny world
+    assert agreement["mAP_delta"] == pytest.approx(doc["mAP"] - agreement["qat_mAP"])
+    assert abs(agreement["mAP_delta"]) <= 0.05 and agreement["topk_class_agreement"] >= 0.8
+    assert agreement["scores_max_abs_diff"] < 0.05
+
+
+def test_ort_predictor_matches_the_batch_one_graph_per_sample(micro):
+    predictor = OrtPredictor.from_path(micro["dir"] / "qdq.onnx", threads=1, level="extended")
+    img, lidar2img = micro["inputs"]
+    logits, pts = predictor(torch.cat([img, img.flip(0)]), torch.cat([lidar2img, lidar2img]))
+    cfg = micro["cfg"]
+    assert logits.shape == (2, cfg.num_vec_one2one, cfg.num_classes) and pts.shape[:2] == (2, cfg.num_vec_one2one)
+    assert torch.equal(logits[0], logits[1]) and predictor.last_scores.shape == (2, cfg.num_vec_one2one, 3)
+    with pytest.raises(ValueError, match="lidar2img"):
+        predictor(img, lidar2img[:, :3])
+
+
+def test_op_table_classifies_kernels():
+    from maptr.deploy.checker import KernelInfo
+
+    kernels = [
+        KernelInfo("a", "QLinearConv", ["x"], ["uint8"], 10),
+        KernelInfo("b", "GridSample", ["x"], ["float"], 20),
+        KernelInfo("c", "DequantizeLinear", ["x"], ["uint8"], 1),
+        KernelInfo("d", "Reshape", ["x"], ["uint8"], 1),
+        KernelInfo("e", "QLinearConv", ["x"], ["uint8"], 5),
+    ]
+    table = op_table(kernels).to_dict()
+    assert table["op_counts"] == {"DequantizeLinear": 1, "GridSample": 1, "QLinearConv": 2, "Reshape": 1}
+    assert (table["integer_kernels"], table["float_kernels"], table["qdq_nodes"], table["data_movement_nodes"]) == (
+        2, 1, 1, 1)  # fmt: skip
+    assert table["microseconds_by_op"]["QLinearConv (uint8)"] == 15
