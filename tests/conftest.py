@@ -75,3 +75,23 @@ def float_train_env(out: Path) -> dict[str, str]:
     """A private MLflow store per run and one thread per process."""
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
             "MLFLOW_EXPERIMENT_NAME": "test"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine a busy second core
+    makes every op wait for it (10x slower and more)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro_cfg(tmp_path_factory):
+    """The micro preset's ModelConfig."""
+    from maptr.config import load_model_config, load_params
+
+    return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import write_micro_params
 
-from maptr.config import ModelConfig, load_model_config, load_params
+from maptr.config import ModelConfig
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
 from maptr.models.maptr import MapTR, build_maptr
 from maptr.quant import FakeQuantMode, QuantWrapper, set_fake_quant_mode
@@ -32,11 +32,6 @@ def one_thread():
     torch.set_num_threads(1)  # tiny tensors; a busy second core would only make every op wait
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_cfg(tmp_path_factory) -> ModelConfig:
-    return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
 
 
 def _float_model(cfg: ModelConfig) -> MapTR:

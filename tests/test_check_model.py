@@ -5,10 +5,9 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from conftest import write_micro_params
 from torch import Tensor, nn
 
-from maptr.config import ModelConfig, load_model_config, load_params
+from maptr.config import ModelConfig
 from maptr.deploy.checker import check_model, format_report
 from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
 from maptr.models.maptr import MapTR, build_maptr
@@ -41,11 +40,6 @@ def _opaque_identity_meta(x: Tensor) -> Tensor:
 class OpaqueIdentity(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return opaque_identity(x)
-
-
-@pytest.fixture(scope="module")
-def micro_cfg(tmp_path_factory) -> ModelConfig:
-    return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
 
 
 def _calibrated(cfg: ModelConfig) -> tuple[MapTR, tuple[Tensor, Tensor]]:

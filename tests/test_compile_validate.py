@@ -26,12 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

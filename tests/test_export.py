@@ -15,7 +15,7 @@ import torch
 from conftest import write_micro_params
 from torch import Tensor
 
-from maptr.config import ModelConfig, load_model_config, load_params
+from maptr.config import ModelConfig
 from maptr.deploy.onnx_export import ExportResult, check_onnx_file, example_inputs, export_onnx, qdq_dtype_counts
 from maptr.deploy.ort_compile import optimize_and_save
 from maptr.deploy.ort_runner import SAVED, create_session, run_frame
@@ -28,17 +28,7 @@ INT16_OPS = ("backbone.layer1.0.conv2", "head.cls_branches.1.0")
 UINT8_STEP = 1.0 / 255.0  # both outputs live in [0, 1]: one step of an 8-bit grid over that range
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_cfg(tmp_path_factory) -> ModelConfig:
-    return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized(cfg: ModelConfig) -> tuple[MapTR, tuple[Tensor, Tensor]]:

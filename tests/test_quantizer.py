@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_micro_params
 from torch import nn
 
-from maptr.config import ModelConfig, load_model_config, load_params
+from maptr.config import ModelConfig
 from maptr.deploy.onnx_export import example_inputs
 from maptr.models.maptr import MapTR, build_maptr
 from maptr.models.tensor_ops import Add, MatMul, Mul
@@ -25,20 +24,7 @@ from maptr.quant.quantizer import (
 )
 from maptr.quant.sensitivity import int16_topk, rank_operators, sensitivity_report, top_operators
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine a busy second
-    # core makes every op wait for it (10x slower and more).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_cfg(tmp_path_factory) -> ModelConfig:
-    return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _float_model(cfg: ModelConfig, seed: int = 0) -> MapTR:
