@@ -30,10 +30,24 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     )  # fmt: skip
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the docstring's line breaks (its example commands stay readable)."""
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (one section per stage)")
     return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser, stage: str) -> None:
+    """The inputs and outputs every training stage (float-train, qat) takes, defaulting to ``stage``'s files."""
+    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
+    p.add_argument("--best", default=f"models/{stage}-checkpoint-best.pt", help="best checkpoint (by val mAP)")
+    p.add_argument("--last", default=f"models/resume/{stage}-last.pt", help="resume checkpoint (not a DVC output)")
+    p.add_argument("--metrics", default=f"metrics/{stage}.json", help="metrics of the best epoch")
+    p.add_argument("--curve", default=f"metrics/{stage}_curve.json", help="per-epoch metrics (DVC plots)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same params")
 
 
 def run(main: Callable[[], object]) -> None:

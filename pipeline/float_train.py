@@ -45,13 +45,8 @@ def fingerprint(*parts) -> str:
 
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
-    p.add_argument("--best", default="models/float-checkpoint-best.pt", help="best checkpoint (by val mAP)")
-    p.add_argument("--last", default="models/resume/float-last.pt", help="resume checkpoint (not a DVC output)")
-    p.add_argument("--metrics", default="metrics/float.json", help="metrics of the best epoch")
-    p.add_argument("--curve", default="metrics/float_curve.json", help="per-epoch metrics (DVC plots)")
+    cli.add_training_arguments(p, "float")
     p.add_argument("--reports", default="reports/float", help="folder for PNG reports")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same params")
     args = p.parse_args()
 
     params = load_params(args.params)

@@ -37,13 +37,8 @@ from maptr.training.trainer import Trainer
 
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
+    cli.add_training_arguments(p, "qat")
     p.add_argument("--calibration-checkpoint", default="models/calibration-checkpoint-best.pt", help="start")
-    p.add_argument("--best", default="models/qat-checkpoint-best.pt", help="best checkpoint (by val mAP)")
-    p.add_argument("--last", default="models/resume/qat-last.pt", help="resume checkpoint (not a DVC output)")
-    p.add_argument("--metrics", default="metrics/qat.json", help="metrics of the best epoch")
-    p.add_argument("--curve", default="metrics/qat_curve.json", help="per-epoch metrics (DVC plots)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same params")
     args = p.parse_args()
 
     params = load_params(args.params)
