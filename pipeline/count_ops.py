@@ -27,6 +27,7 @@ from maptr import cli
 from maptr.atomic import write_text_atomic
 from maptr.config import load_model_config, load_params
 from maptr.models.maptr import NUM_CAMS, MapTR, build_maptr
+from maptr.models.spatial_cross_attention import use_dense_camera_attention
 
 ROOT = "MapTR"  # FlopCounterMode names modules "<root class>.<fqn>"
 GROUPS = ("backbone", "neck", "encoder", "decoder", "map heads", "seg heads (train only)")
@@ -90,7 +91,9 @@ def report(preset: str, params_path: str) -> dict:
     cfg = load_model_config(params)
     cfg.pretrained = ""  # shapes only: never read weight files here
     with torch.device("meta"):
-        model = build_maptr(cfg)
+        # Meta tensors have no values to find the visible camera pairs: count the dense, exported graph
+        # (training samples only the visible pairs, ~1/5 of the spatial cross-attention's grid_sample).
+        model = use_dense_camera_attention(build_maptr(cfg))
     param_counts = count_params(model)
     eval_flops = count_flops(model, cfg.image_size, train=False)
     train_flops = count_flops(model, cfg.image_size, train=True)

@@ -261,6 +261,54 @@ def test_cell_behind_all_cameras_gets_no_camera_features():
     torch.testing.assert_close(repeated, single, rtol=1e-5, atol=1e-5)
 
 
+def test_visible_pairs_path_equals_dense_path():
+    """Training samples only the (query, camera) pairs that see each other; export uses the dense,
+    masked path. Same values and gradients, also for samples that leave a camera's rows."""
+    torch.manual_seed(0)
+    embed, feature_shape, image_size = 16, (4, 11), (352, 128)
+    lidar2img = _camera_rig(image_size, batch=2).double()
+    lidar2img[1] = lidar2img[1].roll(1, dims=0)  # the second sample's cameras in another order
+    points = pillar_points(10, 5, 4, [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]).double()
+    ref, visible = project_to_cameras(points, lidar2img, image_size)
+    assert 0 < visible.mean() < 0.5  # some pairs on each side
+    sca = SpatialCrossAttention(embed_dims=embed, num_heads=2, num_points=8, num_anchors=4).double()
+    # Offsets of several cells: many samples leave their camera's map (above, below and sideways).
+    torch.nn.init.normal_(sca.attention.sampling_offsets.weight, std=2.0)
+    torch.nn.init.normal_(sca.attention.attention_weights.weight)
+    torch.nn.init.normal_(sca.attention.output_proj.bias)
+    query = torch.randn(2, 50, embed, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(12, feature_shape[0] * feature_shape[1], embed, dtype=torch.float64, requires_grad=True)
+    results = []
+    for gather_visible in (True, False):
+        sca.gather_visible = gather_visible
+        sca.zero_grad()
+        query.grad = features.grad = None
+        out = sca(query, features, feature_shape, ref, visible)  # (2, 50, C)
+        (out * torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads = [query.grad, features.grad] + [p.grad for p in sca.parameters()]
+        results.append((out.detach(), [g.clone() for g in grads]))
+    (sparse_out, sparse_grads), (dense_out, dense_grads) = results
+    assert torch.count_nonzero(dense_out) > 0
+    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-10, atol=1e-12)
+    for sparse_grad, dense_grad in zip(sparse_grads, dense_grads, strict=True):
+        torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_export_wrapper_and_quantizer_use_the_dense_path(tiny_cfg: ModelConfig):
+    from maptr.quant.quantizer import QuantConfig, quantize_model
+
+    def modes(model: torch.nn.Module) -> set[bool]:
+        return {m.gather_visible for m in model.modules() if isinstance(m, SpatialCrossAttention)}
+
+    model = build_maptr(tiny_cfg)
+    assert modes(model) == {True}  # training and float evaluation: visible pairs only
+    MapTRInference(model)
+    assert modes(model) == {False}  # static shapes for torch.export
+    model = build_maptr(tiny_cfg)
+    quantize_model(model, QuantConfig())
+    assert modes(model) == {False}  # observers see the exported graph's tensors
+
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
