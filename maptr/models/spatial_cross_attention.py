@@ -62,7 +62,7 @@ class SpatialCrossAttention(nn.Module):
         Returns:
             (B, Lq, C): mean over the cameras that see each cell; exactly zero where no camera does.
         """
-        if self.gather_visible:
+        if self.gather_visible and not visible.is_meta:  # meta tensors have no values to select pairs by
             return self._attend_visible_pairs(query, camera_features, feature_shape, reference_points, visible)
         batch, num_cams, num_query = visible.shape
         ref = reference_points.flatten(0, 1)  # (B*Ncam, Lq, A, 2)
