@@ -2,6 +2,7 @@
 bookkeeping (MLflow metric logging, resume checkpoints), over real shuffled batches of the packed set.
 
     python benchmarks/bench_train_loop.py --steps 30 --batch 2
+    python benchmarks/bench_train_loop.py --camera-paths     # visible-pairs vs dense spatial cross-attention
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader
 from maptr.config import TrainConfig, load_model_config, load_params, load_section
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
 from maptr.models.maptr import build_maptr
+from maptr.models.spatial_cross_attention import SpatialCrossAttention
 from maptr.training.checkpoint import save_checkpoint
 from maptr.training.criterion import build_criterion
 from maptr.training.trainer import build_optimizer
@@ -78,6 +80,37 @@ def time_mlflow_log(folder: str, calls: int = 20) -> float:
         return 1000 * (time.perf_counter() - start) / calls
 
 
+def compare_camera_paths(params: dict, packed: str, batch: int, batches: int = 10, rounds: int = 4) -> dict:
+    """ms per training step with the spatial cross-attention's visible-pairs path vs its dense path.
+
+    The same ``batches`` real batches, the two paths alternating in one process for ``rounds`` rounds, so
+    that machine load hits both alike. Returns {"visible": [ms per round], "dense": [...]}.
+    """
+    cfg = load_section(params, "float", TrainConfig)
+    model_cfg = load_model_config(params)
+    torch.manual_seed(0)
+    dataset = PackedMapDataset(packed, "train", DatasetOptions.from_model(model_cfg, False, 0))
+    model, criterion = build_maptr(model_cfg), build_criterion(model_cfg)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
+    cached = [b for _, b in zip(range(batches), loader, strict=False)]
+    results: dict[str, list[float]] = {"visible": [], "dense": []}
+    for _ in range(rounds):
+        for path in results:
+            for module in model.modules():
+                if isinstance(module, SpatialCrossAttention):
+                    module.gather_visible = path == "visible"
+            start = time.perf_counter()
+            for b in cached:
+                total = criterion.total_loss(criterion(model(b["img"], b["lidar2img"]), b))
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+            results[path].append(1000 * (time.perf_counter() - start) / len(cached))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -85,9 +118,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--camera-paths", action="store_true", help="time visible-pairs vs dense camera attention")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
+    if args.camera_paths:
+        for path, rounds in compare_camera_paths(params, args.packed, args.batch).items():
+            print(f"{path:<8} ms/step per round: {', '.join(f'{ms:.0f}' for ms in rounds)}")
+        return
     ms = time_steps(params, args.packed, args.batch, args.steps)
     step = sum(ms[name] for name in PHASES)
     cfg = load_section(params, "float", TrainConfig)
