@@ -26,8 +26,8 @@ from maptr.training.trainer import build_optimizer
 PHASES = ("load", "forward", "criterion", "backward", "clip", "adamw")
 
 
-def time_steps(params: dict, packed: str, batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
-    """Mean milliseconds per step of each phase over ``steps`` steps after ``warmup``."""
+def _training_setup(params: dict, packed: str, batch: int):
+    """Seeded tiny model in train mode, its criterion and AdamW, and a shuffled loader of the packed set."""
     cfg = load_section(params, "float", TrainConfig)
     model_cfg = load_model_config(params)
     torch.manual_seed(0)
@@ -35,7 +35,14 @@ def time_steps(params: dict, packed: str, batch: int, steps: int, warmup: int = 
     model, criterion = build_maptr(model_cfg), build_criterion(model_cfg)
     model.train()
     optimizer = build_optimizer(model, cfg)
-    batches = iter(DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
+    return cfg, model, criterion, optimizer, loader
+
+
+def time_steps(params: dict, packed: str, batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Mean milliseconds per step of each phase over ``steps`` steps after ``warmup``."""
+    cfg, model, criterion, optimizer, loader = _training_setup(params, packed, batch)
+    batches = iter(loader)
     totals = dict.fromkeys(PHASES, 0.0)
     for i in range(warmup + steps):
         marks = [time.perf_counter()]
@@ -86,14 +93,7 @@ def compare_camera_paths(params: dict, packed: str, batch: int, batches: int = 1
     The same ``batches`` real batches, the two paths alternating in one process for ``rounds`` rounds, so
     that machine load hits both alike. Returns {"visible": [ms per round], "dense": [...]}.
     """
-    cfg = load_section(params, "float", TrainConfig)
-    model_cfg = load_model_config(params)
-    torch.manual_seed(0)
-    dataset = PackedMapDataset(packed, "train", DatasetOptions.from_model(model_cfg, False, 0))
-    model, criterion = build_maptr(model_cfg), build_criterion(model_cfg)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
+    _, model, criterion, optimizer, loader = _training_setup(params, packed, batch)
     cached = [b for _, b in zip(range(batches), loader, strict=False)]
     results: dict[str, list[float]] = {"visible": [], "dense": []}
     for _ in range(rounds):
