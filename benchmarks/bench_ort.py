@@ -24,7 +24,7 @@ import torch
 
 from maptr.config import load_model_config, load_params
 from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx
-from maptr.deploy.ort_compile import interleaved_latency
+from maptr.deploy.ort_compile import alternating_latency
 from maptr.deploy.ort_runner import SAVED
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate
@@ -36,8 +36,8 @@ def latency(args: argparse.Namespace) -> None:
     cfg = load_model_config(load_params(args.params))
     img, lidar2img = example_inputs(build_maptr(cfg))
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
-    times = interleaved_latency(models, feeds, args.threads, args.warmup, args.runs)
-    print(f"{args.threads} thread(s), {args.runs} interleaved runs, load average {os.getloadavg()}")
+    times = alternating_latency(models, feeds, args.threads, args.warmup, args.runs, args.rounds)
+    print(f"{args.threads} thread(s), {args.runs} runs in {args.rounds} alternating rounds, load {os.getloadavg()}")
     for name, ms in times.items():
         print(f"  {name:<9} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
     ratio = np.median(times["deployed"]) / np.median(times["float"])
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds, one ORT session alive at a time")
     p.add_argument("--r50", action="store_true", help="time the untrained r50 export instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

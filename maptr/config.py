@@ -121,8 +121,9 @@ class CompileConfig:
 
     optimization_level: str = "extended"  # saved into the model: basic | extended | all (all is CPU-specific)
     threads: int = 2  # ORT intra-op threads of the latency measurement (and of the deployed model)
-    warmup: int = 10  # runs of each model before timing
-    runs: int = 50  # timed runs of each model, float and deployed interleaved
+    warmup: int = 10  # untimed runs of each fresh session before its timed runs
+    runs: int = 50  # timed runs of each model, spread over the rounds
+    rounds: int = 5  # alternating rounds, float then deployed, one ORT session alive at a time
     profile_runs: int = 5  # profiled runs (per-operator times of the op table)
 
 

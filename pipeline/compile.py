@@ -6,8 +6,9 @@ Reads section `compile`. ONNX Runtime optimizes models/maptr_qdq.onnx at `compil
 (Q/DQ groups fused into integer kernels, constants folded) and the result is saved as
 models/maptr_deploy.onnx, then loaded back with optimizations off and checked to give the outputs of
 the in-memory optimization. Then the deployed model and models/maptr_float.onnx (ORT's default
-optimizations, its best) are timed interleaved with `compile.threads` threads: latency p50 / p90 over
-`compile.runs` runs after `compile.warmup` rounds, size, operator types, integer vs float kernels and
+optimizations, its best) are timed in `compile.rounds` alternating rounds with `compile.threads` threads,
+one ORT session alive at a time: latency p50 / p90 over `compile.runs` runs (`compile.warmup` untimed
+runs per session), size, operator types, integer vs float kernels and
 profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
 """
 
@@ -28,8 +29,8 @@ from maptr.config import CompileConfig, ParamsError, load_params, load_section
 from maptr.deploy.checker import LEVELS
 from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig
 from maptr.deploy.ort_compile import (
+    alternating_latency,
     compile_markdown,
-    interleaved_latency,
     model_figures,
     optimize_and_save,
     outputs_match,
@@ -63,8 +64,8 @@ def main() -> None:
     if cfg.optimization_level not in LEVELS:
         raise ParamsError(f"{args.params}: compile.optimization_level: {cfg.optimization_level!r} is not one of "
                           f"{sorted(LEVELS)}")  # fmt: skip
-    if cfg.threads < 1 or cfg.runs < 1:
-        raise ParamsError(f"{args.params}: compile.threads and compile.runs must be >= 1")
+    if min(cfg.threads, cfg.runs, cfg.rounds) < 1:
+        raise ParamsError(f"{args.params}: compile.threads, compile.runs and compile.rounds must be >= 1")
     torch.set_num_threads(1)
     start = time.perf_counter()
     optimize_and_save(args.qdq, args.out, cfg.optimization_level)
@@ -75,7 +76,7 @@ def main() -> None:
     compile_seconds = time.perf_counter() - start
 
     models = {"float": (args.float_model, "all"), "deployed": (args.out, SAVED)}
-    latency = interleaved_latency(models, feeds, cfg.threads, cfg.warmup, cfg.runs)
+    latency = alternating_latency(models, feeds, cfg.threads, cfg.warmup, cfg.runs, cfg.rounds)
     tables = {
         "float": profile_ops(args.float_model, feeds, cfg.threads, cfg.profile_runs, "all"),
         "deployed": profile_ops(args.out, feeds, cfg.threads, cfg.profile_runs, "basic"),
@@ -84,7 +85,7 @@ def main() -> None:
     report["speedup_p50"] = report["float"]["latency_ms_p50"] / report["deployed"]["latency_ms_p50"]
     report.update(
         deployed_model=args.out, float_model=args.float_model, optimization_level=cfg.optimization_level,
-        threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, onnxruntime=ort.__version__,
+        threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check,
         compile_seconds=compile_seconds,
     )  # fmt: skip

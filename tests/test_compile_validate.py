@@ -160,3 +160,33 @@ def test_op_table_classifies_kernels():
     assert (table["integer_kernels"], table["float_kernels"], table["qdq_nodes"], table["data_movement_nodes"]) == (
         2, 1, 1, 1)  # fmt: skip
     assert table["microseconds_by_op"]["QLinearConv (uint8)"] == 15
+
+
+def test_latency_rounds_keep_one_session_alive_and_time_every_run(monkeypatch):
+    """Idle ORT worker threads spin-wait: a second live session would steal the timed one's cores."""
+    from maptr.deploy import ort_compile
+
+    alive: list[str] = []
+    peak = []
+
+    class FakeSession:
+        def __init__(self, path: str) -> None:
+            self.path = path
+            alive.append(path)
+
+        def __del__(self) -> None:
+            alive.remove(self.path)
+
+    def fake_run(session, img, lidar2img):
+        peak.append(len(alive))
+
+    monkeypatch.setattr(ort_compile, "create_session", lambda path, threads, level: FakeSession(str(path)))
+    monkeypatch.setattr(ort_compile, "run_frame", fake_run)
+    models = {"float": ("f.onnx", "all"), "deployed": ("d.onnx", "disabled")}
+    feeds = {"img": np.zeros(1), "lidar2img": np.zeros(1)}
+    times = ort_compile.alternating_latency(models, feeds, threads=2, warmup=2, runs=7, rounds=3)
+    assert {name: len(ms) for name, ms in times.items()} == {"float": 7, "deployed": 7}
+    assert max(peak) == 1 and not alive  # never two sessions at once, none left open
+    assert len(peak) == 2 * (7 + 3 * 2)  # every timed run plus 2 warm-up runs per session and round
+    with pytest.raises(ValueError, match="rounds"):
+        ort_compile.alternating_latency(models, feeds, threads=2, warmup=0, runs=3, rounds=0)

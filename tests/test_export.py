@@ -16,10 +16,10 @@ from conftest import write_micro_params
 from torch import Tensor
 
 from maptr.config import ModelConfig
-from maptr.deploy.onnx_export import ExportResult, check_onnx_file, example_inputs, export_onnx, qdq_dtype_counts
+from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx, qdq_dtype_counts
 from maptr.deploy.ort_compile import optimize_and_save
 from maptr.deploy.ort_runner import SAVED, create_session, run_frame
-from maptr.models.maptr import MapTR, build_maptr
+from maptr.models.maptr import MapTR, MapTRInference, build_maptr
 from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import QuantConfig, quantize_model
 
@@ -40,8 +40,8 @@ def _quantized(cfg: ModelConfig) -> tuple[MapTR, tuple[Tensor, Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def exported(micro_cfg, tmp_path_factory) -> dict[str, tuple[Path, ExportResult, tuple[Tensor, Tensor]]]:
-    """The micro model exported as Q/DQ (calibrated) and as float, with the inputs traced."""
+def exported(micro_cfg, tmp_path_factory) -> dict:
+    """The micro model exported as Q/DQ (calibrated) and as float (path, result, traced inputs), and its config."""
     out = tmp_path_factory.mktemp("export")
     quantized, inputs = _quantized(micro_cfg)
     torch.manual_seed(0)
@@ -49,6 +49,7 @@ def exported(micro_cfg, tmp_path_factory) -> dict[str, tuple[Path, ExportResult,
     return {
         "qdq": (out / "qdq.onnx", export_onnx(quantized, out / "qdq.onnx", inputs), inputs),
         "float": (out / "float.onnx", export_onnx(float_model, out / "float.onnx", inputs), inputs),
+        "config": micro_cfg,
     }
 
 
@@ -72,6 +73,30 @@ def test_float_export_matches_pytorch_within_1e4(exported):
     scores, pts = run_frame(create_session(path, threads=1), img.numpy(), lidar2img.numpy())
     assert np.abs(scores - result.scores.numpy()).max() < 1e-4
     assert np.abs(pts - result.pts.numpy()).max() < 1e-4
+
+
+def _rotated_rig(lidar2img: Tensor, yaw: float) -> Tensor:
+    """The rig turned by ``yaw`` about the LiDAR z axis: other BEV cells visible, another pair count."""
+    turn = torch.eye(4)
+    turn[:2, :2] = torch.tensor([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]])
+    return lidar2img @ turn
+
+
+def test_float_export_follows_the_rig_it_is_given(exported):
+    """The graph samples only the visible (cell, camera) pairs, a count traced once from the example rig:
+    other rigs (fewer, more, or no visible pairs at all) must still give PyTorch's outputs."""
+    path, _, (img, lidar2img) = exported["float"]
+    session = create_session(path, threads=1)
+    torch.manual_seed(0)
+    model = build_maptr(exported["config"]).eval()
+    blind = lidar2img.clone()
+    blind[:, :, 2] *= -1.0  # every point behind every camera: no camera sees any BEV cell
+    for rig in (_rotated_rig(lidar2img, 0.4), lidar2img[:, [0, 0, 0, 0, 0, 0]], blind):
+        with torch.no_grad():
+            expected = MapTRInference(model)(img, rig)
+        scores, pts = run_frame(session, img.numpy(), rig.numpy())
+        assert np.abs(scores - expected[0].numpy()).max() < 1e-4
+        assert np.abs(pts - expected[1].numpy()).max() < 1e-4
 
 
 @pytest.mark.parametrize("level", ["disabled", "extended"])

@@ -294,7 +294,7 @@ def test_visible_pairs_path_equals_dense_path():
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-10, atol=1e-12)
 
 
-def test_export_wrapper_and_quantizer_use_the_dense_path(tiny_cfg: ModelConfig):
+def test_export_wrapper_and_quantizer_keep_the_visible_pairs_path(tiny_cfg: ModelConfig):
     from maptr.quant.quantizer import QuantConfig, quantize_model
 
     def modes(model: torch.nn.Module) -> set[bool]:
@@ -303,10 +303,10 @@ def test_export_wrapper_and_quantizer_use_the_dense_path(tiny_cfg: ModelConfig):
     model = build_maptr(tiny_cfg)
     assert modes(model) == {True}  # training and float evaluation: visible pairs only
     MapTRInference(model)
-    assert modes(model) == {False}  # static shapes for torch.export
+    assert modes(model) == {True}  # the deployed graph samples the visible pairs too
     model = build_maptr(tiny_cfg)
     quantize_model(model, QuantConfig())
-    assert modes(model) == {False}  # observers see the exported graph's tensors
+    assert modes(model) == {True}  # observers see the exported graph's tensors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,19 +380,13 @@ def test_missing_weight_file_names_the_file(tiny_cfg: ModelConfig):
 def test_onnx_export_matches_onnxruntime(tmp_path, tiny_cfg: ModelConfig, tiny_model: MapTR):
     import onnxruntime as ort
 
+    from maptr.deploy.onnx_export import export_onnx
+
     start = time.perf_counter()
     wrapper = MapTRInference(tiny_model).eval()
     img, lidar2img = _inputs(tiny_cfg, seed=7)
     path = tmp_path / "maptr_tiny.onnx"
-    torch.onnx.export(
-        wrapper,
-        (img, lidar2img),
-        str(path),
-        input_names=["img", "lidar2img"],
-        output_names=["scores", "pts"],
-        opset_version=17,
-        dynamo=False,
-    )
+    export_onnx(tiny_model, path, (img, lidar2img))  # the project's exporter (dynamo, opset 21)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     scores, pts = session.run(None, {"img": img.numpy(), "lidar2img": lidar2img.numpy()})
     with torch.no_grad():

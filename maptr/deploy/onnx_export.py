@@ -4,7 +4,9 @@ The exported graph is :class:`~maptr.models.maptr.MapTRInference`: inputs ``img`
 ``lidar2img`` (1, Ncam, 4, 4), outputs ``scores`` (1, Q, K) sigmoid class probabilities and ``pts``
 (1, Q, P, 2) normalized points. Fake-quant modules in QUANTIZE mode become QuantizeLinear ->
 DequantizeLinear pairs through :func:`~maptr.quant.fake_quant.onnx_translation_table` (opset 21: int16
-Q/DQ needs it). Shapes are static (batch 1), as the deployed model runs one frame at a time.
+Q/DQ needs it). Inputs and outputs have static shapes (batch 1), as the deployed model runs one frame at a
+time; inside, the spatial cross-attention samples only the (BEV cell, camera) pairs that see each other,
+whose count depends on ``lidar2img`` (NonZero), exactly as in training.
 
 Export goes in two explicit steps, ``torch.export.export`` then the ONNX conversion of that program,
 so that when an operator has no ONNX translation the error names the module it sits in
@@ -134,7 +136,7 @@ def export_onnx(
         model: float or quantized MapTR (fake-quants frozen: QUANTIZE or DISABLED); put in eval mode here.
         path: the ``.onnx`` file to write (a temporary sibling is renamed into place when complete).
         inputs: example ``(img (1, Ncam, 3, H, W), lidar2img (1, Ncam, 4, 4))``; :func:`example_inputs`
-            by default. The graph is static: any inputs of that shape give the same graph.
+            by default. Any inputs of that shape give the same graph (the camera-pair count is dynamic).
         opset: ONNX opset, 21 or later for int16 Q/DQ.
     Raises:
         UnexportableOperatorError naming the module when an operator cannot be traced or translated.

@@ -6,10 +6,10 @@ QLinearAdd, QLinearMatMul, ...), folds constants and fuses LayerNorm / GELU patt
 written with ``SessionOptions.optimized_model_filepath`` and later loaded with optimizations off, so the
 deployed file is exactly what runs. ``all`` would add CPU-specific layouts (NCHWc) to the saved file.
 
-The report puts the deployed model beside the float ONNX model: latency percentiles over interleaved
-runs (both models see the same machine conditions), file size, operator-type counts of ORT's optimized
-graph, and how many compute kernels take integer inputs vs float, from ORT's profiler
-(:func:`maptr.deploy.checker.run_onnx_runtime`).
+The report puts the deployed model beside the float ONNX model: latency percentiles over alternating
+rounds (both models see the same machine conditions; one ORT session alive at a time), file size,
+operator-type counts of ORT's optimized graph, and how many compute kernels take integer inputs vs
+float, from ORT's profiler (:func:`maptr.deploy.checker.run_onnx_runtime`).
 """
 
 from __future__ import annotations
@@ -62,28 +62,43 @@ def outputs_match(
     return {name: float(np.abs(x - y).max()) for name, x, y in zip(("scores", "pts"), a, b, strict=True)}
 
 
-def interleaved_latency(
-    models: dict[str, tuple[str | Path, str]], feeds: dict[str, np.ndarray], threads: int, warmup: int, runs: int
+def alternating_latency(
+    models: dict[str, tuple[str | Path, str]],
+    feeds: dict[str, np.ndarray],
+    threads: int,
+    warmup: int,
+    runs: int,
+    rounds: int = 5,
 ) -> dict[str, np.ndarray]:
-    """Wall-clock milliseconds of ``runs`` runs of each model, taken round-robin after ``warmup`` rounds.
+    """Wall-clock milliseconds of ``runs`` runs of each model, in ``rounds`` alternating rounds.
+
+    Each round gives every model a fresh session of its own, ``warmup`` untimed runs, then its share of
+    the timed runs, and closes it before the next model's. One session alive at a time matters: after a
+    run, ORT's intra-op worker threads spin-wait for more work, so a second live session's pool takes
+    cores from the one being timed (on 2 cores that inflated both models' p50 by ~40 ms, 45 -> 84 ms, and
+    hid their difference). Alternating rounds still let a load change on the machine hit every model.
 
     Args:
         models: name -> (path, load-time optimization level).
         feeds: one frame's inputs (img, lidar2img).
     Returns:
-        name -> (runs,) milliseconds. Round-robin order means a load change on the machine hits every
-        model alike, so their ratio stays meaningful when the absolute figures do not.
+        name -> (runs,) milliseconds.
     """
-    if runs < 1 or warmup < 0:
-        raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
-    sessions = {name: create_session(path, threads, level) for name, (path, level) in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for round_index in range(warmup + runs):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            run_frame(session, feeds["img"], feeds["lidar2img"])
-            if round_index >= warmup:
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"runs and rounds must be >= 1 and warmup >= 0, got {runs}, {rounds}, {warmup}")
+    rounds = min(rounds, runs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(rounds):
+        share = runs // rounds + (1 if round_index < runs % rounds else 0)
+        for name, (path, level) in models.items():
+            session = create_session(path, threads, level)
+            for _ in range(warmup):
+                run_frame(session, feeds["img"], feeds["lidar2img"])
+            for _ in range(share):
+                start = time.perf_counter()
+                run_frame(session, feeds["img"], feeds["lidar2img"])
                 times[name].append((time.perf_counter() - start) * 1e3)
+            del session  # its thread pool goes with it: nothing spins beside the next model's runs
     return {name: np.asarray(values) for name, values in times.items()}
 
 
@@ -143,7 +158,8 @@ def compile_markdown(report: dict, top: int = 12) -> str:
         f"# Compile report: {report['deployed_model']} vs {report['float_model']}",
         "",
         f"ONNX Runtime {report['onnxruntime']} CPU, {report['threads']} intra-op thread(s), "
-        f"{report['runs']} interleaved runs after {report['warmup']} warm-up rounds; load average "
+        f"{report['runs']} timed runs per model in {report.get('rounds', 1)} alternating rounds (one session alive "
+        f"at a time, {report['warmup']} untimed runs per session); load average "
         f"{report['load_average']}; graph optimizations saved at `{report['optimization_level']}`.",
         "",
         "| | float ONNX | deployed (Q/DQ, optimized) |",

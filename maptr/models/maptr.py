@@ -23,7 +23,6 @@ from maptr.models.decoder import build_map_decoder
 from maptr.models.fpn import FPN, build_fpn
 from maptr.models.map_head import MapHead, build_map_head
 from maptr.models.seg_heads import BEVSegmentationHead, PVSegmentationHead, build_bev_seg_head, build_pv_seg_head
-from maptr.models.spatial_cross_attention import use_dense_camera_attention
 
 NUM_CAMS = 6  # nuScenes' surround rig; the model itself only needs lidar2img to agree
 
@@ -87,12 +86,13 @@ class MapTRInference(nn.Module):
     """Export wrapper: the one2one predictions as ``(scores, pts)``, no training extras.
 
     Put the wrapped model in eval mode before exporting (dropout and BatchNorm follow that mode).
-    Wrapping switches the model's spatial cross-attention to its dense, static-shape path (same result).
+    The spatial cross-attention keeps its visible-pairs path: the deployed graph samples only the
+    (BEV cell, camera) pairs that see each other, as training did.
     """
 
     def __init__(self, model: MapTR) -> None:
         super().__init__()
-        self.model = use_dense_camera_attention(model)
+        self.model = model
 
     def forward(self, img: Tensor, lidar2img: Tensor) -> tuple[Tensor, Tensor]:
         """

@@ -4,13 +4,15 @@ Every BEV query attends, in every camera that sees it, to points sampled around 
 pillar anchors (from :mod:`maptr.models.camera_projection`); the per-camera results are averaged over
 those cameras. Two paths compute the same function:
 
-- visible pairs (training and float evaluation): only the (query, camera) pairs that see each other
-  are sampled, BEVFormer's per-camera re-batching. On the nuScenes rig a BEV cell is seen by about one
-  camera of six (18 % of the pairs on the tiny preset), so this is ~5x less sampling work. The number
-  of pairs depends on the data, so the shapes are dynamic.
-- dense (export, calibration, QAT): all (B * Ncam) camera batches attend with all queries and a
-  multiplicative visibility mask removes the pairs that do not see each other; static shapes, so the
-  graph exports, and the fake-quant observers see exactly the tensors of the exported graph.
+- visible pairs (THE path: training, evaluation, calibration, QAT and the exported ONNX graph): only
+  the (query, camera) pairs that see each other are sampled, BEVFormer's per-camera re-batching. On the
+  nuScenes rig a BEV cell is seen by about one camera of six (18 % of the pairs on the tiny preset), so
+  this is ~5x less sampling work. The number of pairs depends on the rig, so this part of the graph has a
+  dynamic shape (ONNX NonZero -> GatherND -> GridSample -> ScatterND); the model's inputs and outputs
+  keep static shapes.
+- dense: all (B * Ncam) camera batches attend with all queries and a multiplicative visibility mask
+  removes the pairs that do not see each other. The reference the visible-pairs path is tested against,
+  and the fallback on meta tensors (shape-only FLOP counting), which have no values to select pairs by.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ class SpatialCrossAttention(nn.Module):
         self.attention = MultiScaleDeformableAttention(
             embed_dims=embed_dims, num_heads=num_heads, num_levels=1, num_points=num_points
         )
-        # True: sample only the visible (query, camera) pairs. The export wrapper and the quantizer set
-        # it to False (static shapes; observers see the exported tensors).
+        # True: sample only the visible (query, camera) pairs; False: the dense reference path.
         self.gather_visible = True
 
     def forward(
@@ -147,7 +148,7 @@ def build_spatial_cross_attention(
 
 
 def use_dense_camera_attention(model: nn.Module) -> nn.Module:
-    """Switches every spatial cross-attention of ``model`` to the dense, static-shape path; returns it."""
+    """Switches every spatial cross-attention of ``model`` to the dense reference path; returns it."""
     for module in model.modules():
         if isinstance(module, SpatialCrossAttention):
             module.gather_visible = False

@@ -40,7 +40,6 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from maptr.config import ModelConfig
 from maptr.models.maptr import MapTR, build_maptr
-from maptr.models.spatial_cross_attention import use_dense_camera_attention
 from maptr.models.tensor_ops import Add, MatMul, Mul
 from maptr.quant.fake_quant import FakeQuantize, FakeQuantMode, QuantWrapper, WeightFakeQuantize, fake_quant
 from maptr.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver
@@ -279,8 +278,6 @@ def quantize_model(model: MapTR, config: QuantConfig) -> MapTR:
     an operator the model does not have (a ranking of another preset, a stale report).
     """
     fold_batch_norms(model)
-    # Observers must see the tensors of the exported (dense, static-shape) graph.
-    use_dense_camera_attention(model)
     targets = list(_quantizable_modules(model))
     unknown = sorted(set(config.int16_ops) - {name for name, _ in targets})
     if unknown:
