@@ -3,12 +3,16 @@
     python benchmarks/bench_ort.py --threads 1 --runs 30          # tiny: the stage's models (after dvc repro)
     python benchmarks/bench_ort.py --threads 2 --runs 30
     python benchmarks/bench_ort.py --r50                          # untrained r50: export float + Q/DQ, timed
+    python benchmarks/bench_ort.py --threads 2 --camera-paths     # exported camera attention: visible vs dense
 
 Latency: models/maptr_float.onnx (ORT's default optimizations, `all`) and models/maptr_deploy.onnx (saved
 at the compile level, loaded without re-optimizing) run round-robin on the same random frame; prints
 min / median / p90 and the ratio. `--r50` builds the untrained r50 preset (800x480, ResNet50, BEV 200x100),
 exports it as float ONNX, then quantizes it (all 8-bit, calibrated on one random frame) and exports the
 Q/DQ graph, printing each step's time and the files' sizes (a few minutes; no latency measured).
+`--camera-paths` exports the float and QAT checkpoints of the default run twice, with the spatial
+cross-attention's visible-pairs path (what the export stage writes) and with its dense, masked path (what
+it wrote before 2026-11-25), compiles both Q/DQ graphs and times the four models alike.
 """
 
 from __future__ import annotations
@@ -42,6 +46,35 @@ def latency(args: argparse.Namespace) -> None:
         print(f"  {name:<9} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
     ratio = np.median(times["deployed"]) / np.median(times["float"])
     print(f"  deployed / float p50: {ratio:.2f} (min: {times['deployed'].min() / times['float'].min():.2f})")
+
+
+def camera_paths(args: argparse.Namespace) -> None:
+    from maptr.deploy.ort_compile import optimize_and_save
+    from maptr.models.spatial_cross_attention import use_dense_camera_attention
+    from maptr.quant.quantizer import build_model_from_checkpoint
+    from maptr.training.checkpoint import load_checkpoint
+
+    cfg = load_model_config(load_params(args.params))
+    models: dict[str, tuple[str | Path, str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, checkpoint in (("float", args.float_checkpoint), ("deployed", args.qat_checkpoint)):
+            for path_name in ("visible", "dense"):
+                model = build_model_from_checkpoint(cfg, load_checkpoint(checkpoint))
+                if path_name == "dense":
+                    use_dense_camera_attention(model)
+                onnx_path = Path(tmp) / f"{kind}_{path_name}.onnx"
+                export_onnx(model, onnx_path)
+                if kind == "deployed":
+                    deployed = optimize_and_save(onnx_path, Path(tmp) / f"deploy_{path_name}.onnx")
+                    models[f"deployed {path_name}"] = (deployed, SAVED)
+                else:
+                    models[f"float {path_name}"] = (onnx_path, "all")
+        img, lidar2img = example_inputs(build_maptr(cfg))
+        feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
+        times = alternating_latency(models, feeds, args.threads, args.warmup, args.runs, args.rounds)
+    print(f"{args.threads} thread(s), {args.runs} runs in {args.rounds} alternating rounds, load {os.getloadavg()}")
+    for name, ms in times.items():
+        print(f"  {name:<17} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
 
 
 def r50_export(args: argparse.Namespace) -> None:
@@ -79,9 +112,17 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds, one ORT session alive at a time")
     p.add_argument("--r50", action="store_true", help="time the untrained r50 export instead")
+    p.add_argument("--camera-paths", action="store_true", help="visible-pairs vs dense camera attention, exported")
+    p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt")
+    p.add_argument("--qat-checkpoint", default="models/qat-checkpoint-best.pt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    r50_export(args) if args.r50 else latency(args)
+    if args.r50:
+        r50_export(args)
+    elif args.camera_paths:
+        camera_paths(args)
+    else:
+        latency(args)
 
 
 if __name__ == "__main__":
