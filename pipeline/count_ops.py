@@ -91,8 +91,9 @@ def report(preset: str, params_path: str) -> dict:
     cfg = load_model_config(params)
     cfg.pretrained = ""  # shapes only: never read weight files here
     with torch.device("meta"):
-        # Meta tensors have no values to find the visible camera pairs: count the dense, exported graph
-        # (training samples only the visible pairs, ~1/5 of the spatial cross-attention's grid_sample).
+        # Meta tensors have no values to find the visible camera pairs: count the dense path, an upper
+        # bound (training and the exported graph sample only the visible pairs, ~1/5 of the spatial
+        # cross-attention's grid_sample on the nuScenes rig).
         model = use_dense_camera_attention(build_maptr(cfg))
     param_counts = count_params(model)
     eval_flops = count_flops(model, cfg.image_size, train=False)

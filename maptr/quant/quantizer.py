@@ -63,8 +63,9 @@ FLOAT_OPERATIONS: dict[str, str] = {
     "camera projection": "lidar2img geometry (matmul with the camera matrices, division by depth, "
     "visibility tests) needs float: a 1e-3 relative error is pixels at 50 m; it depends only on the "
     "calibration, a deployment could even precompute it per rig",
-    "camera averaging": "the spatial cross-attention's visibility mask, sum over cameras and division by "
-    "the camera count: exact masking and a division, then quantized by the residual add",
+    "camera averaging": "the spatial cross-attention's selection of the visible (cell, camera) pairs, the "
+    "scatter-add of their outputs per BEV cell and the division by the camera count: index arithmetic and a "
+    "division, then quantized by the residual add",
     "offset normalization": "sampling offsets divided by the feature-map size: a constant scale, quantized "
     "right after as an input of location_add",
     "point refinement": "inverse_sigmoid(reference) + delta, then sigmoid: the output coordinates are "
