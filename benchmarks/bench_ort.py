@@ -35,15 +35,20 @@ from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import QuantConfig, quantize_model
 
 
-def latency(args: argparse.Namespace) -> None:
-    models = {"float": (args.float_model, "all"), "deployed": (args.deployed, SAVED)}
+def time_models(args: argparse.Namespace, models: dict[str, tuple[str | Path, str]]) -> dict[str, np.ndarray]:
+    """Times ``models`` on the preset's example frame (:func:`alternating_latency`) and prints each one's figures."""
     cfg = load_model_config(load_params(args.params))
     img, lidar2img = example_inputs(build_maptr(cfg))
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     times = alternating_latency(models, feeds, args.threads, args.warmup, args.runs, args.rounds)
     print(f"{args.threads} thread(s), {args.runs} runs in {args.rounds} alternating rounds, load {os.getloadavg()}")
     for name, ms in times.items():
-        print(f"  {name:<9} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
+        print(f"  {name:<17} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
+    return times
+
+
+def latency(args: argparse.Namespace) -> None:
+    times = time_models(args, {"float": (args.float_model, "all"), "deployed": (args.deployed, SAVED)})
     ratio = np.median(times["deployed"]) / np.median(times["float"])
     print(f"  deployed / float p50: {ratio:.2f} (min: {times['deployed'].min() / times['float'].min():.2f})")
 
@@ -69,12 +74,7 @@ def camera_paths(args: argparse.Namespace) -> None:
                     models[f"deployed {path_name}"] = (deployed, SAVED)
                 else:
                     models[f"float {path_name}"] = (onnx_path, "all")
-        img, lidar2img = example_inputs(build_maptr(cfg))
-        feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
-        times = alternating_latency(models, feeds, args.threads, args.warmup, args.runs, args.rounds)
-    print(f"{args.threads} thread(s), {args.runs} runs in {args.rounds} alternating rounds, load {os.getloadavg()}")
-    for name, ms in times.items():
-        print(f"  {name:<17} min {ms.min():6.1f}  p50 {np.median(ms):6.1f}  p90 {np.percentile(ms, 90):6.1f} ms")
+        time_models(args, models)  # inside the temporary folder: the files live there
 
 
 def r50_export(args: argparse.Namespace) -> None:
