@@ -1,6 +1,7 @@
 """Vectorized deformable attention sampling vs the per-point loop, and its cost at the presets' sizes.
 
-    python benchmarks/bench_deformable_attention.py [--threads 2]
+    python benchmarks/bench_deformable_attention.py [--threads 2]     # tiny sizes, ~30 s
+    python benchmarks/bench_deformable_attention.py --presets tiny r50  # + the r50 rows, ~1.5-2 min
 
 1. Small problem (Lq = 200 queries, 8 heads, 1 level 25x50, 4 points): ``deformable_sample`` (one
    grid_sample per level) against ``deformable_sample_reference`` (a Python loop per batch, query, head,
@@ -76,10 +77,10 @@ def preset_sizes(preset: str) -> list[tuple[str, tuple]]:
     ]
 
 
-def preset_timings(repeats: int) -> None:
+def preset_timings(presets: list[str], repeats: int) -> None:
     print("2. vectorized sampler at the presets' sizes (train: one2one + one2many decoder queries)")
     print(f"   {'call':<42}{'forward ms':>12}{'fwd+bwd ms':>12}")
-    for preset in ("tiny", "r50"):
+    for preset in presets:
         for name, (n, lq, heads, dims, shape, points) in preset_sizes(preset):
             torch.manual_seed(0)
             reps = repeats if preset == "tiny" else 1
@@ -109,10 +110,10 @@ def nuscenes_like_rig(image_size: tuple[int, int], batch: int) -> torch.Tensor:
     return torch.stack(mats)[None].repeat(batch, 1, 1, 1)
 
 
-def camera_attention_timings(repeats: int) -> None:
+def camera_attention_timings(presets: list[str], repeats: int) -> None:
     print("3. spatial cross-attention module fwd+bwd, batch 2: visible pairs (training) vs dense (export)")
     print(f"   {'preset':<8}{'visible pairs':>15}{'visible ms':>12}{'dense ms':>12}{'speed-up':>10}")
-    for preset in ("tiny", "r50"):
+    for preset in presets:
         params = load_params("params.yaml")
         params["model"]["preset"] = preset
         cfg = load_model_config(params)
@@ -141,12 +142,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--presets", nargs="+", choices=["tiny", "r50"], default=["tiny"],
+        help="sizes of parts 2 and 3 (r50 adds ~1-1.5 min on 2 cores: one repeat each, 1-15 s per call)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (best of {args.repeats} runs)")
     compare_with_loop()
-    preset_timings(args.repeats)
-    camera_attention_timings(args.repeats)
+    preset_timings(args.presets, args.repeats)
+    camera_attention_timings(args.presets, args.repeats)
 
 
 if __name__ == "__main__":
