@@ -1,6 +1,6 @@
 """Vectorized deformable attention sampling vs the per-point loop, and its cost at the presets' sizes.
 
-    python benchmarks/bench_deformable_attention.py [--threads 2]     # tiny sizes, ~30 s
+    python benchmarks/bench_deformable_attention.py [--threads 2]     # tiny sizes, ~7 s
     python benchmarks/bench_deformable_attention.py --presets tiny r50  # + the r50 rows, ~1.5-2 min
 
 1. Small problem (Lq = 200 queries, 8 heads, 1 level 25x50, 4 points): ``deformable_sample`` (one
