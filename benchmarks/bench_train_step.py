@@ -1,14 +1,20 @@
-"""One real training step of a preset: a packed batch, forward, criterion (with Hungarian matching),
-backward and fused AdamW, as float-train runs it.
+"""Real training steps of one or more presets: packed batches, forward, criterion (with Hungarian
+matching), backward and fused AdamW, as float-train runs them.
 
-    python benchmarks/bench_train_step.py --batch 2 --threads 2
+    python benchmarks/bench_train_step.py                            # the params' preset, ~15 s
+    python benchmarks/bench_train_step.py --presets tiny nano        # interleaved A/B, ~1 min
     python benchmarks/bench_train_step.py --set num_vec_one2many=50 --set k_one2many=2
+
+With several presets, each round times every preset on the same batches in turn (round-robin), so a
+change of the machine's speed hits them alike; the table gives each round's mean step time and the
+mean over rounds (the first round is a warm-up and not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import time
 
 import torch
@@ -19,44 +25,58 @@ from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--packed", default="data/packed")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=6)
-    p.add_argument("--set", action="append", default=[], help="override a field of the chosen preset, key=value")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    params = load_params(args.params)
-    preset = params["model"]["preset"]
-    for item in args.set:
+def build_setup(params: dict, preset: str, overrides: list[str], packed: str, batch: int, batches: int):
+    """(step function, batches) of ``preset`` with ``key=value`` overrides of its fields."""
+    params = copy.deepcopy(params)
+    params["model"]["preset"] = preset
+    for item in overrides:
         key, value = item.split("=", 1)
         params["model"]["presets"][preset][key] = ast.literal_eval(value)
     cfg = load_model_config(params)
-    ds = PackedMapDataset(args.packed, "train", DatasetOptions.from_model(cfg, augment=True))
-    batch = collate([ds[i] for i in range(args.batch)])
-    model, criterion = build_maptr(cfg), build_criterion(cfg)
-    model.train()
+    ds = PackedMapDataset(packed, "train", DatasetOptions.from_model(cfg, augment=False))
+    data = [collate([ds[i] for i in range(j * batch, (j + 1) * batch)]) for j in range(batches)]
+    torch.manual_seed(0)
+    model, criterion = build_maptr(cfg).train(), build_criterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step() -> None:
-        losses = criterion(model(batch["img"], batch["lidar2img"]), batch)
+    def step(b: dict) -> None:
+        losses = criterion(model(b["img"], b["lidar2img"]), b)
         optimizer.zero_grad()
         criterion.total_loss(losses).backward()
         optimizer.step()
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    best = min(times)
-    print(f"preset {preset} {args.set or ''}: batch {args.batch}, {args.threads} threads: step {best * 1000:.0f} ms "
-          f"(min of {args.iters}), {args.batch / best:.2f} samples/s")  # fmt: skip
+    return step, data
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--packed", default="data/packed")
+    p.add_argument("--presets", nargs="+", default=None, help="presets to time (default: model.preset)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, default=8, help="different batches per round")
+    p.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up")
+    p.add_argument("--set", action="append", default=[], help="override a field of every preset, key=value")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    presets = args.presets or [params["model"]["preset"]]
+    setups = {name: build_setup(params, name, args.set, args.packed, args.batch, args.batches) for name in presets}
+    rounds: dict[str, list[float]] = {name: [] for name in presets}
+    for r in range(args.rounds):
+        for name, (step, data) in setups.items():
+            start = time.perf_counter()
+            for b in data:
+                step(b)
+            if r > 0:
+                rounds[name].append((time.perf_counter() - start) / len(data))
+    print(f"batch {args.batch}, {args.threads} threads, {args.batches} batches x {args.rounds - 1} timed rounds"
+          f"{' ' + str(args.set) if args.set else ''}")  # fmt: skip
+    for name, times in rounds.items():
+        mean = sum(times) / len(times)
+        per_round = " ".join(f"{t * 1000:.0f}" for t in times)
+        print(f"  {name:<6} step {mean * 1000:.0f} ms ({args.batch / mean:.2f} samples/s); rounds: {per_round} ms")
 
 
 if __name__ == "__main__":

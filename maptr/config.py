@@ -280,7 +280,7 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
         raise ParamsError(f"{file}: model: section missing or not a mapping")
     presets = model.get("presets")
     if not isinstance(presets, dict) or not presets:
-        raise ParamsError(f"{file}: model.presets: expected a mapping of named presets (tiny, r50)")
+        raise ParamsError(f"{file}: model.presets: expected a mapping of named presets (nano, tiny, r50)")
     preset = model.get("preset")
     if preset not in presets:
         raise ParamsError(f"{file}: model.preset: unknown preset {preset!r}; choose one of {sorted(presets)}")

@@ -30,7 +30,7 @@ def test_repo_params_load_every_section():
     assert pack.pc_range == [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "r50"])
+@pytest.mark.parametrize("preset", ["nano", "tiny", "r50"])
 def test_presets_build_typed_model_config(tmp_path, preset):
     path = write_params(tmp_path, lambda d: d["model"].update(preset=preset))
     cfg = load_model_config(load_params(path))
@@ -46,6 +46,8 @@ def test_presets_build_typed_model_config(tmp_path, preset):
             6,
         )
         assert cfg.image_size == [800, 480] and (cfg.bev_h, cfg.bev_w) == (200, 100)
+    if preset == "nano":  # tiny without one2many, layer3 and half the points: the 10-minute default
+        assert (cfg.num_vec_one2many, cfg.k_one2many, cfg.num_pts_per_vec, cfg.backbone_max_stride) == (0, 0, 10, 8)
 
 
 def test_unknown_preset_names_choices(tmp_path):

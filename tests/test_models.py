@@ -24,6 +24,7 @@ from maptr.models.fpn import FPN
 from maptr.models.maptr import MapTR, MapTRInference, build_maptr
 from maptr.models.position_encoding import LearnedPositionalEncoding
 from maptr.models.spatial_cross_attention import SpatialCrossAttention
+from maptr.training.criterion import build_criterion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,37 @@ def test_tiny_eval_outputs_only_one2one(tiny_cfg: ModelConfig, tiny_model: MapTR
     assert out["pred_logits"].shape == (1, tiny_cfg.num_vec_one2one, 3)
     assert out["pred_pts"].shape == (1, tiny_cfg.num_vec_one2one, tiny_cfg.num_pts_per_vec, 2)
     assert torch.isfinite(out["pred_pts"]).all() and torch.isfinite(out["pred_logits"]).all()
+
+
+def test_nano_trains_without_one2many_and_its_losses_cover_every_output():
+    """The default preset: no one2many group, 10 points per vector, a one-stage (layer2) backbone."""
+    cfg = _preset("nano")
+    torch.manual_seed(0)
+    model = build_maptr(cfg).train()
+    assert not hasattr(model.backbone, "layer3") and model.backbone.out_strides == [8]
+    img, lidar2img = _inputs(cfg, batch=1)
+    out = model(img, lidar2img)
+    assert set(out) == {"pred_logits", "pred_pts", "aux_outputs", "bev_seg", "pv_seg"}
+    assert out["pred_pts"].shape == (1, cfg.num_vec_one2one, 10, 2)
+    line = torch.tensor([[-5.0, -20.0], [-5.0, 20.0]])
+    p = torch.as_tensor(resample_polyline(line.numpy(), cfg.num_pts_per_vec))
+    orders = torch.full((1, 2 * (cfg.num_pts_per_vec - 1), cfg.num_pts_per_vec, 2), -10000.0)
+    orders[0, 0], orders[0, 1] = p, p.flip(0)
+    valid = torch.zeros(1, orders.shape[1], dtype=torch.bool)
+    valid[0, :2] = True
+    batch = {
+        "gt_labels": [torch.tensor([0])],
+        "gt_orders": [orders],
+        "gt_orders_valid": [valid],
+        "bev_seg": torch.zeros(1, 1, cfg.bev_h, cfg.bev_w),
+        "pv_seg": torch.zeros(1, 6, 1, cfg.image_size[1] // 8, cfg.image_size[0] // 8),
+    }
+    criterion = build_criterion(cfg)
+    losses = criterion(out, batch)
+    assert not any(k.startswith("o2m_") for k in losses)
+    criterion.total_loss(losses).backward()
+    unused = [n for n, t in model.named_parameters() if t.grad is None]
+    assert unused == []  # DDP without find_unused_parameters needs every parameter in the graph
 
 
 def test_r50_shapes_on_meta_device():
