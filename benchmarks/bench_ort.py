@@ -1,6 +1,6 @@
 """ONNX Runtime deployment: float ONNX vs deployed (Q/DQ optimized) latency, and the r50 preset's export.
 
-    python benchmarks/bench_ort.py --threads 1 --runs 30          # tiny: the stage's models (after dvc repro)
+    python benchmarks/bench_ort.py --threads 1 --runs 30          # the default preset's models (after dvc repro)
     python benchmarks/bench_ort.py --threads 2 --runs 30
     python benchmarks/bench_ort.py --r50                          # untrained r50: export float + Q/DQ, timed
     python benchmarks/bench_ort.py --threads 2 --camera-paths     # exported camera attention: visible vs dense

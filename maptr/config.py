@@ -287,14 +287,20 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
     extra = sorted(set(model) - {"preset", "presets", "pretrained", "criterion"})
     if extra:
         raise ParamsError(f"{file}: model: unknown key(s) {extra}; per-preset knobs go under model.presets")
-    cfg = from_dict(ModelConfig, presets[preset], f"{file}: model.presets.{preset}")
+    pack = load_section(params, "pack", PackConfig)
+    # Every preset is checked, not only the selected one: a typo in `tiny` should fail now, not the
+    # day someone runs `dvc exp run -S model.preset=tiny`.
+    built = {}
+    for name, block in presets.items():
+        where = f"{file}: model.presets.{name}"
+        built[name] = from_dict(ModelConfig, block, where)
+        built[name].pc_range = pack.pc_range
+        _validate_model(built[name], where)
+    cfg = built[preset]
     cfg.preset = preset
     cfg.pretrained = _check_value(model.get("pretrained", ""), str, f"{file}: model.pretrained")
     cfg.criterion = from_dict(CriterionConfig, model.get("criterion"), f"{file}: model.criterion")
-    pack = load_section(params, "pack", PackConfig)
-    cfg.pc_range = pack.pc_range
     cfg.num_classes = len(pack.classes)
-    _validate_model(cfg, f"{file}: model.presets.{preset}")
     return cfg
 
 
@@ -313,3 +319,9 @@ def _validate_model(cfg: ModelConfig, where: str) -> None:
         raise ParamsError(f"{where}.image_size: expected [W, H], both multiples of 32, got {cfg.image_size}")
     if len(cfg.pc_range) != 6:
         raise ParamsError(f"{where}: pack.pc_range must have 6 numbers [x0, y0, z0, x1, y1, z1]")
+    if (cfg.num_vec_one2many > 0) != (cfg.k_one2many > 0):
+        # queries without a k never get a loss (and stall DDP); a k without queries does nothing
+        raise ParamsError(
+            f"{where}: num_vec_one2many ({cfg.num_vec_one2many}) and k_one2many ({cfg.k_one2many}) must be both 0 "
+            "(no one2many group) or both > 0"
+        )

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maptr.atomic import atomic_file  # noqa: E402
@@ -188,5 +189,7 @@ def learning_curve(history: Sequence[dict], path: str | Path, title: str = "") -
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss (weighted sum)")
     ax_loss.grid(alpha=0.3)
+    for ax in (ax_map, ax_loss):  # epochs are whole numbers: no 1.5 ticks on short runs
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(title, fontsize=10)
     _save(fig, path)

@@ -84,3 +84,17 @@ def test_invalid_image_size_rejected(tmp_path):
     path = write_params(tmp_path, lambda d: d["model"]["presets"]["tiny"].update(image_size=[350, 128]))
     with pytest.raises(ParamsError, match="multiples of 32"):
         load_model_config(load_params(path))
+
+
+def test_errors_in_presets_not_selected_are_caught_at_load(tmp_path):
+    # nano is the default: a broken tiny must fail now, naming tiny, not when tiny is chosen later
+    path = write_params(tmp_path, lambda d: d["model"]["presets"]["tiny"].update(num_heads=5))
+    assert load_params(path)["model"]["preset"] == "nano"
+    with pytest.raises(ParamsError, match=r"model.presets.tiny: embed_dims 64 must be divisible by num_heads 5"):
+        load_model_config(load_params(path))
+
+
+def test_one2many_queries_and_k_go_together(tmp_path):
+    path = write_params(tmp_path, lambda d: d["model"]["presets"]["nano"].update(k_one2many=3))
+    with pytest.raises(ParamsError, match=r"model.presets.nano: num_vec_one2many \(0\) and k_one2many \(3\)"):
+        load_model_config(load_params(path))
