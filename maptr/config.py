@@ -69,6 +69,7 @@ class TrainConfig:
     val_batch_size: int = 4
     ckpt_every_steps: int = 100  # resume checkpoint inside an epoch
     log_every_steps: int = 10
+    cache_mb: int = 0  # MiB per split of decoded, resized items kept in memory (0: off; main process only)
 
 
 @dataclass

@@ -57,8 +57,10 @@ def main() -> None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
-    train_set = PackedMapDataset(args.packed, "train", DatasetOptions.from_model(model_cfg, cfg.augment, cfg.seed))
-    val_set = PackedMapDataset(args.packed, "val", DatasetOptions.from_model(model_cfg, False, cfg.seed))
+    train_set = PackedMapDataset(
+        args.packed, "train", DatasetOptions.from_model(model_cfg, cfg.augment, cfg.seed, cfg.cache_mb)
+    )
+    val_set = PackedMapDataset(args.packed, "val", DatasetOptions.from_model(model_cfg, False, cfg.seed, cfg.cache_mb))
     model = build_maptr(model_cfg)
     criterion = build_criterion(model_cfg)
     post = build_postprocess(model_cfg)

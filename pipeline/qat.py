@@ -57,10 +57,12 @@ def main() -> None:
     exclude_quant_buffers_from_ddp(model)
     quant = ckpt["quant"]
 
-    train_set = PackedMapDataset(args.packed, "train", DatasetOptions.from_model(model_cfg, cfg.augment, cfg.seed))
+    train_set = PackedMapDataset(
+        args.packed, "train", DatasetOptions.from_model(model_cfg, cfg.augment, cfg.seed, cfg.cache_mb)
+    )
     if cfg.samples_per_epoch > 0:
         train_set = EpochSlices(train_set, cfg.samples_per_epoch, cfg.seed)
-    val_set = PackedMapDataset(args.packed, "val", DatasetOptions.from_model(model_cfg, False, cfg.seed))
+    val_set = PackedMapDataset(args.packed, "val", DatasetOptions.from_model(model_cfg, False, cfg.seed, cfg.cache_mb))
     post = build_postprocess(model_cfg)
 
     def validate(m: torch.nn.Module) -> dict[str, float]:

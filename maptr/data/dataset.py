@@ -1,8 +1,10 @@
 """The training / validation dataset over the packed LMDB (see ``maptr.data.packing``).
 
-Each item decodes the six JPEGs once, applies the guide's transforms (keeping ``lidar2img`` exact),
-resamples the map ground truth to a fixed number of points with its equivalent orders, and rasterizes the
-BEV and per-camera segmentation targets of the auxiliary heads.
+Each item decodes the six JPEGs once (in the DCT domain at 1/2, 1/4 or 1/8 scale when the network input
+is that much smaller), applies the guide's transforms (keeping ``lidar2img`` exact), resamples the map
+ground truth to a fixed number of points with its equivalent orders, and rasterizes the BEV and
+per-camera segmentation targets of the auxiliary heads. Everything before the random augmentation is the
+same in every epoch, so it can be kept in memory (``DatasetOptions.cache_mb``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import cv2
 import lmdb
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from maptr.data.records import CorruptRecordError, SampleRecord
 from maptr.data.seg_targets import bev_mask, pv_masks
@@ -36,9 +38,10 @@ class DatasetOptions:
     augment: bool = False
     yuv: bool = False
     seed: int = 0
+    cache_mb: int = 0  # keep up to this many MiB of decoded, resized items in memory (0: off)
 
     @classmethod
-    def from_model(cls, model_cfg, augment: bool = False, seed: int = 0) -> DatasetOptions:
+    def from_model(cls, model_cfg, augment: bool = False, seed: int = 0, cache_mb: int = 0) -> DatasetOptions:
         """Sizes from a ``maptr.config.ModelConfig``: input image, BEV grid, points per instance."""
         return cls(
             image_size=tuple(model_cfg.image_size),
@@ -47,6 +50,7 @@ class DatasetOptions:
             bev_size=(model_cfg.bev_h, model_cfg.bev_w),
             augment=augment,
             seed=seed,
+            cache_mb=cache_mb,
         )
 
 
@@ -66,12 +70,54 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     return env
 
 
-def decode_jpeg(data: bytes, where: str) -> np.ndarray:
-    """JPEG bytes -> (H, W, 3) uint8 RGB; undecodable bytes raise CorruptRecordError naming ``where``."""
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+_REDUCED_FLAGS = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def decode_jpeg(data: bytes, where: str, reduce: int = 1) -> np.ndarray:
+    """JPEG bytes -> (ceil(H / reduce), ceil(W / reduce), 3) uint8 RGB; undecodable bytes raise
+    CorruptRecordError naming ``where``.
+
+    ``reduce`` (1, 2, 4 or 8) decodes at that fraction of the size with libjpeg's scaled inverse DCT,
+    which skips most of the decoding work. Output pixel ``i`` covers input pixels ``[i r, (i + 1) r)``,
+    so pixel coordinates scale by exactly ``1 / reduce``.
+    """
+    if reduce not in _REDUCED_FLAGS:
+        raise ValueError(f"reduce must be one of {sorted(_REDUCED_FLAGS)}, got {reduce}")
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_FLAGS[reduce])
     if img is None:
         raise CorruptRecordError(f"{where}: image bytes do not decode as JPEG; re-run the pack stage")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_views(
+    jpegs: list[bytes], image_sizes: np.ndarray, lidar2img: np.ndarray, out_w: int, where: str
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode each view at the largest reduction that keeps it at least ``out_w`` wide.
+
+    Args:
+        jpegs: Ncam JPEG byte strings; image_sizes: (Ncam, 2) their [width, height];
+        lidar2img: (Ncam, 4, 4) projections into the full-size pixels.
+    Returns:
+        Ncam (h, w, 3) uint8 RGB images and the (Ncam, 4, 4) projections into their pixels.
+    """
+    images, mats = [], np.array(lidar2img, dtype=np.float64)  # (Ncam, 4, 4)
+    for k, (jpeg, (width, height)) in enumerate(zip(jpegs, image_sizes, strict=True)):
+        reduce = max(r for r in _REDUCED_FLAGS if width // r >= out_w or r == 1)
+        img = decode_jpeg(jpeg, f"{where} view {k}", reduce)
+        expected = (-(-int(height) // reduce), -(-int(width) // reduce))
+        if img.shape[:2] != expected:
+            raise CorruptRecordError(
+                f"{where} view {k}: JPEG is {img.shape[1]}x{img.shape[0]} at 1/{reduce} scale but the record "
+                f"says {width}x{height}; re-run the pack stage"
+            )
+        mats[k, :2] /= reduce  # rows (u d, v d) of the full-size pixels -> the decoded pixels
+        images.append(img)
+    return images, mats
 
 
 class PackedMapDataset(Dataset):
@@ -111,6 +157,8 @@ class PackedMapDataset(Dataset):
         self._env: lmdb.Environment | None = None
         self._pid = -1
         self.epoch = 0
+        self._cached: dict[int, dict] = {}  # index -> _prepare(index), up to opts.cache_mb
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -141,13 +189,25 @@ class PackedMapDataset(Dataset):
         }
 
     def __getitem__(self, index: int) -> dict:
+        item = self._cached.get(index)
+        if item is None:
+            item = self._prepare(index)
+            self._remember(index, item)
+        gen = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + self.epoch * 10_007 + index)
+        out = {k: torch.from_numpy(v.copy()) for k, v in item.items() if k not in ("images", "meta")}
+        out["img"] = self.transform(list(item["images"]), gen)  # (Ncam, 3, H, W)
+        out["meta"] = dict(item["meta"])
+        return out
+
+    def _prepare(self, index: int) -> dict:
+        """The epoch-independent part of an item, as numpy arrays: images (Ncam, H, W, 3) uint8 and the
+        targets. Only the random augmentation and the tensor conversion come after it."""
         opts = self.opts
         record = self.read_record(index)
         where = f"{self.lmdb_path} record {self.samples[index]['key']}"
-        images = [decode_jpeg(j, f"{where} {cam}") for j, cam in zip(record.jpegs, record.cams, strict=True)]
-        images, lidar2img = fit_to_size(images, record.lidar2img, *opts.image_size)
-        gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + self.epoch * 10_007 + index)
-        img = self.transform(images, gen)  # (Ncam, 3, H, W)
+        width, height = opts.image_size
+        images, lidar2img = decode_views(record.jpegs, record.image_sizes, record.lidar2img, width, where)
+        images, lidar2img = fit_to_size(images, lidar2img, width, height)
 
         gt = self.ground_truth(index)
         vectors = [v for v in gt["vectors"] if len(v) >= 2]
@@ -159,22 +219,28 @@ class PackedMapDataset(Dataset):
         for i, v in enumerate(vectors):
             orders[i], valid[i] = equivalent_orders(pts[i], is_closed(v))
         bev_h, bev_w = opts.bev_size
-        width, height = opts.image_size
+        pv = pv_masks(vectors, lidar2img, record.lidar2ego, (height, width), opts.pv_stride)
         return {
-            "img": img,
-            "lidar2img": torch.from_numpy(lidar2img),
-            "gt_labels": torch.from_numpy(labels.astype(np.int64)).reshape(n),
-            "gt_pts": torch.from_numpy(pts if pts is not None else np.zeros((0, opts.num_pts, 2), np.float32)),
-            "gt_orders": torch.from_numpy(orders),
-            "gt_orders_valid": torch.from_numpy(valid),
-            "bev_seg": torch.from_numpy(bev_mask(vectors, list(opts.pc_range), bev_h, bev_w)[None].astype(np.float32)),
-            "pv_seg": torch.from_numpy(
-                pv_masks(vectors, lidar2img, record.lidar2ego, (height, width), opts.pv_stride)[:, None].astype(
-                    np.float32
-                )
-            ),
+            "images": np.stack(images),  # (Ncam, H, W, 3) uint8
+            "lidar2img": lidar2img,
+            "gt_labels": labels.astype(np.int64).reshape(n),
+            "gt_pts": pts if pts is not None else np.zeros((0, opts.num_pts, 2), np.float32),
+            "gt_orders": orders,
+            "gt_orders_valid": valid,
+            "bev_seg": bev_mask(vectors, list(opts.pc_range), bev_h, bev_w)[None].astype(np.float32),
+            "pv_seg": pv[:, None].astype(np.float32),  # (Ncam, 1, H/s, W/s)
             "meta": {"index": index, "token": record.token, "scene": self.samples[index]["scene"]},
         }
+
+    def _remember(self, index: int, item: dict) -> None:
+        """Keep ``item`` while the cache is under ``opts.cache_mb``. Only in the main process: a DataLoader
+        worker's memory dies with it at the end of the epoch, so caching there would only cost memory."""
+        if self.opts.cache_mb <= 0 or get_worker_info() is not None:
+            return
+        size = sum(v.nbytes for k, v in item.items() if k != "meta")
+        if self._cached_bytes + size <= self.opts.cache_mb * 2**20:
+            self._cached[index] = item
+            self._cached_bytes += size
 
 
 def collate(items: list[dict]) -> dict:
