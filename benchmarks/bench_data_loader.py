@@ -1,5 +1,6 @@
-"""Data loader throughput: the packed LMDB dataset (num_workers 0 and 2) vs decoding the same JPEGs from
-the nuScenes folder (what a loader without packing reads per sample).
+"""Data loader throughput: the packed LMDB dataset (num_workers 0 and 2; the second pass over an
+in-memory cache, `float.cache_mb`) vs decoding the same JPEGs from the nuScenes folder (what a loader
+without packing reads per sample), and JPEG decoding at full vs the reduced scale the preset allows.
 
     python benchmarks/bench_data_loader.py --packed data/packed --dataroot data/nuscenes --samples 200
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -16,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from maptr.config import load_model_config, load_params
-from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
+from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_views
 from maptr.data.packing import CAMERAS, open_nuscenes
 
 
@@ -27,11 +29,15 @@ def loader_rate(ds, n: int, workers: int, batch: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def lmdb_decode_rate(ds: PackedMapDataset, n: int) -> float:
-    """Per sample: read the packed record (one LMDB get, checksum) and decode its six JPEGs."""
+def lmdb_decode_rate(ds: PackedMapDataset, n: int, reduced: bool = False) -> float:
+    """Per sample: read the packed record (one LMDB get, checksum) and decode its six JPEGs, at full
+    size or (``reduced``) at the largest DCT scale that keeps the network input width."""
     start = time.perf_counter()
     for i in range(n):
         rec = ds.read_record(i)
+        if reduced:
+            decode_views(rec.jpegs, rec.image_sizes, rec.lidar2img, ds.opts.image_size[0], "bench")
+            continue
         for jpeg in rec.jpegs:
             img = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
             cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -69,7 +75,14 @@ def main() -> None:
             rate = loader_rate(ds, n, workers, args.batch)
             print(f"packed LMDB, full item (decode+transforms+targets), augment={augment}, "
                   f"num_workers={workers}: {rate:.1f} samples/s")  # fmt: skip
+        cached = PackedMapDataset(args.packed, "train", replace(opts, cache_mb=4096))
+        loader_rate(cached, n, 0, args.batch)  # fills the cache
+        rate = loader_rate(cached, n, 0, args.batch)
+        print(f"packed LMDB, full item from the in-memory cache, augment={augment}, num_workers=0: "
+              f"{rate:.1f} samples/s ({cached.cached_items} items cached)")  # fmt: skip
     print(f"packed LMDB, read + JPEG decode only: {lmdb_decode_rate(ds, n):.1f} samples/s")
+    print(f"packed LMDB, read + JPEG decode at the reduced scale for {ds.opts.image_size[0]} px wide input: "
+          f"{lmdb_decode_rate(ds, n, reduced=True):.1f} samples/s")  # fmt: skip
     rate = folder_rate(args.dataroot, args.version, n)
     print(f"nuScenes folder, devkit lookup + file read + JPEG decode only: {rate:.1f} samples/s")
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
+from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg, decode_views
+from maptr.data.records import CorruptRecordError
 from maptr.data.seg_targets import ground_height
+from maptr.data.transforms import fit_to_size
 from maptr.data.vectors import resample_polyline
 
 
@@ -50,10 +53,14 @@ def _brightness_at(img: torch.Tensor, lidar2img: np.ndarray, lidar2ego: np.ndarr
     return np.concatenate(values)
 
 
-def test_projected_ground_truth_lands_on_painted_markings(packed_world):
+# 480x270 JPEGs decoded at full and at 1/2 scale. At 192 px a 0.7 m offset is about one pixel near the
+# car, so paint and asphalt blur into each other more (contrast ~21 grey levels, the same with or
+# without the reduced decoding); a projection off by a pixel would erase it.
+@pytest.mark.parametrize(("image_size", "contrast"), [((352, 128), 25), ((192, 64), 12)])
+def test_projected_ground_truth_lands_on_painted_markings(packed_world, image_size, contrast):
     """End-to-end geometry: pack's lidar2img, after resize + crop to the network input, puts divider
     points on paint (bright) and points 0.7 m beside them on asphalt (darker)."""
-    ds = PackedMapDataset(packed_world, "train", DatasetOptions(augment=False))
+    ds = PackedMapDataset(packed_world, "train", DatasetOptions(image_size=image_size, augment=False))
     on_paint, beside = [], []
     for index in range(len(ds)):
         item, rec, gt = ds[index], ds.read_record(index), ds.ground_truth(index)
@@ -75,4 +82,52 @@ def test_projected_ground_truth_lands_on_painted_markings(packed_world):
                 beside.append(_brightness_at(item["img"], l2i, rec.lidar2ego, dense + side * normal))
     on_paint, beside = np.concatenate(on_paint), np.concatenate(beside)
     assert len(on_paint) > 200
-    assert np.median(on_paint) > np.median(beside) + 25, (np.median(on_paint), np.median(beside))
+    assert np.median(on_paint) > np.median(beside) + contrast, (np.median(on_paint), np.median(beside))
+
+
+def test_reduced_scale_decoding_matches_full_decoding(packed_world):
+    """A 192-wide input decodes the 480x270 JPEGs at 1/2 scale: same projections after fitting, pixels
+    within a grey level or two of decoding at full size and resizing."""
+    rec = PackedMapDataset(packed_world, "train", DatasetOptions()).read_record(0)
+    full, full_mats = fit_to_size([decode_jpeg(j, "rec") for j in rec.jpegs], rec.lidar2img, 192, 64)
+    views, mats = decode_views(rec.jpegs, rec.image_sizes, rec.lidar2img, 192, "rec")
+    assert [v.shape for v in views] == [(135, 240, 3)] * 6
+    small, small_mats = fit_to_size(views, mats, 192, 64)
+    np.testing.assert_allclose(small_mats, full_mats, rtol=1e-6, atol=1e-3)
+    assert np.abs(np.stack(small).astype(int) - np.stack(full).astype(int)).mean() < 3
+    views, mats = decode_views(rec.jpegs, rec.image_sizes, rec.lidar2img, 352, "rec")  # 240 < 352: full size
+    assert views[0].shape == (270, 480, 3) and np.allclose(mats, rec.lidar2img)
+
+
+def test_decoded_size_must_match_the_record(packed_world):
+    rec = PackedMapDataset(packed_world, "train", DatasetOptions()).read_record(0)
+    with pytest.raises(
+        CorruptRecordError, match=r"rec 7 view 0: JPEG is 240x135 at 1/2 scale .* says 960x540; re-run the pack"
+    ):
+        decode_views(rec.jpegs, rec.image_sizes * 2, rec.lidar2img, 352, "rec 7")
+
+
+def test_cached_items_equal_fresh_ones_within_the_budget(packed_world):
+    """The cache holds what is the same every epoch; augmentation still changes per epoch, a caller
+    editing an item cannot change the cache, and items beyond ``cache_mb`` are recomputed."""
+    fresh = PackedMapDataset(packed_world, "train", DatasetOptions(augment=True, seed=2))
+    cached = PackedMapDataset(packed_world, "train", DatasetOptions(augment=True, seed=2, cache_mb=1))
+    for epoch in (0, 1, 1):
+        fresh.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in range(3):
+            a, b = fresh[index], cached[index]
+            assert a["meta"] == b["meta"]
+            for key in a.keys() - {"meta"}:
+                assert torch.equal(a[key], b[key]), (epoch, index, key)
+            b["gt_pts"] += 1.0
+            b["meta"]["index"] = -1
+    assert cached.cached_items == 1  # one 6 x 352 x 128 item is 0.8 MiB of the 1 MiB budget
+
+
+def test_loader_workers_do_not_cache(packed_world):
+    ds = PackedMapDataset(packed_world, "train", DatasetOptions(cache_mb=64))
+    assert sum(len(b["meta"]) for b in DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate)) == len(ds)
+    assert ds.cached_items == 0  # a worker's memory ends with its epoch
+    ds[0]
+    assert ds.cached_items == 1

@@ -163,6 +163,11 @@ class PackedMapDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def cached_items(self) -> int:
+        """How many items this process keeps in memory (``opts.cache_mb``)."""
+        return len(self._cached)
+
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation stream per epoch (the sampler's seed changes the order)."""
         self.epoch = epoch
