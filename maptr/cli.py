@@ -73,8 +73,8 @@ def run(main: Callable[[], object]) -> None:
     """
     try:
         main()
-        seconds = process_seconds()
-        print(f"{Path(sys.argv[0]).stem}: done in {int(seconds // 60)} min {seconds % 60:.0f} s", file=sys.stderr)
+        seconds = round(process_seconds())
+        print(f"{Path(sys.argv[0]).stem}: done in {seconds // 60} min {seconds % 60} s", file=sys.stderr)
     except user_error_types() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
