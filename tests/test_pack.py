@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -31,6 +32,20 @@ def test_pack_layout_counts_and_split(packed_world):
         metas = json.loads((packed_world / "metas" / f"{split}.json").read_text())["samples"]
         assert {s["scene"] for s in metas} <= set(names)
         assert [s["key"] for s in metas] == list(range(len(metas)))
+
+
+def test_packing_twice_gives_identical_files(tiny_world, tmp_path):
+    """DVC hashes data/packed: the same world must pack to the same bytes (and no LMDB lock file)."""
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        pack_nuscenes(dataroot=str(tiny_world), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE,
+                      classes=CLASSES)  # fmt: skip
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        digests.append({str(p.relative_to(out)): hashlib.md5(p.read_bytes()).hexdigest() for p in files})
+    assert digests[0] == digests[1]
+    assert set(digests[0]) == {"metas/info.json", "metas/train.json", "metas/val.json", "train_lmdb/data.mdb",
+                               "val_lmdb/data.mdb"}  # fmt: skip
 
 
 def test_records_hold_six_cameras_and_consistent_geometry(packed_world):

@@ -156,7 +156,9 @@ def _pack_splits(nusc, dataroot: str, tmp: Path, split_of: dict[str, str], pc_ra
 
     maps: dict[str, MapGroundTruth] = {}
     metas: dict[str, list] = {"train": [], "val": []}
-    envs = {s: lmdb.open(str(tmp / f"{s}_lmdb"), map_size=LMDB_MAP_SIZE, subdir=True) for s in metas}
+    # lock=False: one writer in a private temporary folder needs no lock file, and LMDB's lock.mdb holds
+    # process-specific bytes that would make two packings of the same data differ for DVC.
+    envs = {s: lmdb.open(str(tmp / f"{s}_lmdb"), map_size=LMDB_MAP_SIZE, subdir=True, lock=False) for s in metas}
     scenes = [s for s in nusc.scene if s["name"] in split_of]
     bar = tqdm(total=sum(s.get("nbr_samples", 0) for s in scenes) or None, desc="pack", unit="sample")
     try:
