@@ -34,7 +34,7 @@ import torch
 from maptr.config import load_model_config, load_params
 from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx
 from maptr.deploy.ort_compile import alternating_latency
-from maptr.deploy.ort_runner import SAVED
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import QuantConfig, quantize_model
@@ -53,7 +53,7 @@ def time_models(args: argparse.Namespace, models: dict[str, tuple[str | Path, st
 
 
 def latency(args: argparse.Namespace) -> None:
-    times = time_models(args, {"float": (args.float_model, "all"), "deployed": (args.deployed, SAVED)})
+    times = time_models(args, {"float": (args.float_model, "all"), "deployed": (args.deployed, DEPLOYED_LEVEL)})
     ratio = np.median(times["deployed"]) / np.median(times["float"])
     print(f"  deployed / float p50: {ratio:.2f} (min: {times['deployed'].min() / times['float'].min():.2f})")
 
@@ -104,8 +104,8 @@ def camera_paths(args: argparse.Namespace) -> None:
                 onnx_path = Path(tmp) / f"{kind}_{path_name}.onnx"
                 export_onnx(model, onnx_path)
                 if kind == "deployed":
-                    deployed = optimize_and_save(onnx_path, Path(tmp) / f"deploy_{path_name}.onnx")
-                    models[f"deployed {path_name}"] = (deployed, SAVED)
+                    deployed = optimize_and_save(onnx_path, Path(tmp) / f"deploy_{path_name}.onnx").path
+                    models[f"deployed {path_name}"] = (deployed, DEPLOYED_LEVEL)
                 else:
                     models[f"float {path_name}"] = (onnx_path, "all")
         time_models(args, models)  # inside the temporary folder: the files live there
@@ -137,9 +137,9 @@ def r50_export(args: argparse.Namespace) -> None:
         if args.r50_runs > 0:
             from maptr.deploy.ort_compile import optimize_and_save
 
-            deployed = optimize_and_save(result.path, Path(tmp) / "r50_deploy.onnx")
+            deployed = optimize_and_save(result.path, Path(tmp) / "r50_deploy.onnx").path
             feeds = {"img": inputs[0].numpy(), "lidar2img": inputs[1].numpy()}
-            models = {"float": (float_path, "all"), "deployed": (deployed, SAVED)}
+            models = {"float": (float_path, "all"), "deployed": (deployed, DEPLOYED_LEVEL)}
             times = alternating_latency(models, feeds, args.threads, warmup=1, runs=args.r50_runs, rounds=1)
             p50 = {name: float(np.median(ms)) for name, ms in times.items()}
             print(f"r50 latency, {args.threads} thread(s), {args.r50_runs} runs each, load {os.getloadavg()}: float "

@@ -2,10 +2,13 @@
 
     python pipeline/compile.py --params params.yaml
 
-Reads section `compile`. ONNX Runtime optimizes models/maptr_qdq.onnx at `compile.optimization_level`
-(Q/DQ groups fused into integer kernels, constants folded) and the result is saved as
-models/maptr_deploy.onnx, then loaded back with optimizations off and checked to give the outputs of
-the in-memory optimization. Then the deployed model and models/maptr_float.onnx (ORT's default
+Reads section `compile`. The input-independent part of models/maptr_qdq.onnx is computed once
+(constant folding: ORT does not fold behind a DequantizeLinear) and the ReLUs that the uint8
+quantization after them performs are removed, then ONNX Runtime optimizes it at
+`compile.optimization_level` (Q/DQ groups fused into integer kernels) and the result is saved as
+models/maptr_deploy.onnx (portable across x86 CPUs), then loaded back as every deployed session loads it
+(ORT level `all`: the CPU's own layouts added) and checked to give the outputs of the in-memory
+optimization. Then the deployed model and models/maptr_float.onnx (ORT's default
 optimizations, its best) are timed in `compile.rounds` alternating rounds with `compile.threads` threads,
 one ORT session alive at a time: latency p50 / p90 over `compile.runs` runs (`compile.warmup` untimed
 runs per session), size, operator types, integer vs float kernels and
@@ -27,7 +30,7 @@ from maptr import cli
 from maptr.atomic import write_text_atomic
 from maptr.config import CompileConfig, ParamsError, load_params, load_section
 from maptr.deploy.checker import LEVELS
-from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig
+from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_images
 from maptr.deploy.ort_compile import (
     alternating_latency,
     compile_markdown,
@@ -36,17 +39,16 @@ from maptr.deploy.ort_compile import (
     outputs_match,
     profile_ops,
 )
-from maptr.deploy.ort_runner import SAVED, create_session
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session
 from maptr.training.tracking import StageRun
 
 SAVED_MODEL_TOLERANCE = 1e-5  # the saved file runs the same kernels as the in-memory optimization
 
 
 def frame_inputs(path: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random normalized images and a pinhole rig at the model's input shape (read from the file)."""
+    """Random normalized 8-bit images and a pinhole rig at the model's input shape (read from the file)."""
     shape = create_session(path, threads=1, level=SAVED).get_inputs()[0].shape  # [1, Ncam, 3, H, W]
-    gen = torch.Generator().manual_seed(seed)
-    img = torch.randn(*shape, generator=gen)  # (1, Ncam, 3, H, W)
+    img = random_pixel_images(shape, seed)  # (1, Ncam, 3, H, W)
     return {"img": img.numpy(), "lidar2img": pinhole_rig((shape[4], shape[3]), shape[1]).numpy()}
 
 
@@ -68,18 +70,18 @@ def main() -> None:
         raise ParamsError(f"{args.params}: compile.threads, compile.runs and compile.rounds must be >= 1")
     torch.set_num_threads(1)
     start = time.perf_counter()
-    optimize_and_save(args.qdq, args.out, cfg.optimization_level)
+    compiled = optimize_and_save(args.qdq, args.out, cfg.optimization_level)
     feeds = frame_inputs(args.qdq)
-    check = outputs_match(args.qdq, args.out, feeds, cfg.optimization_level)
+    check = outputs_match(args.qdq, args.out, feeds)
     if max(check.values()) > SAVED_MODEL_TOLERANCE:
         raise RuntimeError(f"{args.out} does not reproduce the optimized model's outputs: max diff {check}")
     compile_seconds = time.perf_counter() - start
 
-    models = {"float": (args.float_model, "all"), "deployed": (args.out, SAVED)}
+    models = {"float": (args.float_model, "all"), "deployed": (args.out, DEPLOYED_LEVEL)}
     latency = alternating_latency(models, feeds, cfg.threads, cfg.warmup, cfg.runs, cfg.rounds)
     tables = {
         "float": profile_ops(args.float_model, feeds, cfg.threads, cfg.profile_runs, "all"),
-        "deployed": profile_ops(args.out, feeds, cfg.threads, cfg.profile_runs, "basic"),
+        "deployed": profile_ops(args.out, feeds, cfg.threads, cfg.profile_runs, DEPLOYED_LEVEL),
     }
     report = {name: model_figures(latency[name], models[name][0], tables[name]) for name in ("float", "deployed")}
     report["speedup_p50"] = report["float"]["latency_ms_p50"] / report["deployed"]["latency_ms_p50"]
@@ -87,7 +89,8 @@ def main() -> None:
         deployed_model=args.out, float_model=args.float_model, optimization_level=cfg.optimization_level,
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check,
-        compile_seconds=compile_seconds,
+        compile_seconds=compile_seconds, constant_folding=compiled.fold.to_dict(),
+        relus_removed=compiled.relus_removed, deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))
     write_text_atomic(args.table, compile_markdown(report))

@@ -27,7 +27,7 @@ from maptr import cli, viz
 from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg
 from maptr.data.transforms import MultiViewImageTransform, fit_to_size
-from maptr.deploy.ort_runner import SAVED, OrtPredictor
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
 from maptr.evaluation.inference import Predictor, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.quant.quantizer import build_model_from_checkpoint
@@ -84,7 +84,7 @@ def main() -> None:
 
     model_cfg = load_model_config(load_params(args.params))
     if args.onnx:
-        predictor: Predictor = OrtPredictor.from_path(args.onnx, args.threads, SAVED)
+        predictor: Predictor = OrtPredictor.from_path(args.onnx, args.threads, DEPLOYED_LEVEL)
         source = Path(args.onnx).name
     else:
         ckpt = load_checkpoint(args.checkpoint, expect_preset=model_cfg.preset)

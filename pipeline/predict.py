@@ -17,7 +17,7 @@ from maptr import cli
 from maptr.atomic import write_text_atomic
 from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.deploy.ort_runner import SAVED, OrtPredictor
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.quant.quantizer import build_model_from_checkpoint
@@ -46,7 +46,7 @@ def main() -> None:
     model_cfg = load_model_config(load_params(args.params))
     path = args.checkpoint or STAGES[args.stage]
     if args.stage == "int_infer":
-        predictor = OrtPredictor.from_path(path, args.threads, SAVED)
+        predictor = OrtPredictor.from_path(path, args.threads, DEPLOYED_LEVEL)
     else:
         # Float, or the fake-quant model rebuilt from the quantization config the checkpoint carries.
         model = build_model_from_checkpoint(model_cfg, load_checkpoint(path, expect_preset=model_cfg.preset))

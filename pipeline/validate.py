@@ -22,7 +22,7 @@ from maptr import cli
 from maptr.atomic import write_text_atomic
 from maptr.config import ValidateConfig, load_model_config, load_params, load_section
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.deploy.ort_runner import SAVED, OrtPredictor, RecordingPredictor, output_agreement
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor, RecordingPredictor, output_agreement
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.quant.quantizer import build_model_from_checkpoint
@@ -51,7 +51,7 @@ def main() -> None:
     post = build_postprocess(model_cfg)
 
     start = time.perf_counter()
-    deployed = RecordingPredictor(OrtPredictor.from_path(args.deployed, max(cfg.threads, 1), SAVED))
+    deployed = RecordingPredictor(OrtPredictor.from_path(args.deployed, max(cfg.threads, 1), DEPLOYED_LEVEL))
     metrics, _ = evaluate_model(deployed, val_set, post, batch_size=cfg.batch_size, limit=args.limit)
     deployed_seconds = time.perf_counter() - start
     reference = RecordingPredictor(torch_predictor(qat, torch.device("cpu")))

@@ -18,7 +18,7 @@ from torch import Tensor
 from maptr.config import ModelConfig
 from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx, qdq_dtype_counts
 from maptr.deploy.ort_compile import optimize_and_save
-from maptr.deploy.ort_runner import SAVED, create_session, run_frame
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, create_session, run_frame
 from maptr.models.maptr import MapTR, MapTRInference, build_maptr
 from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import QuantConfig, quantize_model
@@ -104,8 +104,8 @@ def test_qdq_on_ort_matches_the_fake_quant_model_within_one_step(exported, tmp_p
     """ORT as exported (DQ -> float op -> Q) and as deployed (fused integer kernels) vs PyTorch fake-quant."""
     path, result, (img, lidar2img) = exported["qdq"]
     if level == "extended":
-        path = optimize_and_save(path, tmp_path / "deploy.onnx", level)
-        level = SAVED
+        path = optimize_and_save(path, tmp_path / "deploy.onnx", level).path
+        level = DEPLOYED_LEVEL  # as every deployed session loads it
     scores, pts = run_frame(create_session(path, threads=1, level=level), img.numpy(), lidar2img.numpy())
     score_err = np.abs(scores - result.scores.numpy())
     pts_err = np.abs(pts - result.pts.numpy())

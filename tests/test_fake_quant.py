@@ -17,6 +17,7 @@ from maptr.quant import (
     QUANT_RANGES,
     FakeQuantize,
     FakeQuantMode,
+    FixedRangeObserver,
     MinMaxObserver,
     MSEObserver,
     PercentileObserver,
@@ -150,6 +151,19 @@ def test_minmax_observer_tracks_extremes_and_contains_zero():
     observer.update(torch.tensor([-4.0]))
     lo, hi = observer.compute_range(254, symmetric=True)
     assert (lo.item(), hi.item()) == (-4.0, 4.0)
+
+
+def test_fixed_range_observer_ignores_the_data():
+    observer = FixedRangeObserver(-1.0, 127 / 128)
+    assert observer.has_data  # usable without calibration
+    observer.update(torch.tensor([-50.0, 80.0]))
+    lo, hi = observer.compute_range(255, symmetric=False)
+    assert (lo.item(), hi.item()) == (-1.0, pytest.approx(127 / 128))
+    lo, hi = observer.compute_range(254, symmetric=True)
+    assert (lo.item(), hi.item()) == (-1.0, 1.0)
+    for bad in ((0.5, 1.0), (-1.0, -0.5), (0.0, 0.0)):
+        with pytest.raises(ValueError, match="fixed range"):
+            FixedRangeObserver(*bad)
 
 
 @pytest.mark.parametrize("make_observer", [lambda: PercentileObserver(99.9), lambda: MSEObserver()])

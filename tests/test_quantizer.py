@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from maptr.config import ModelConfig
+from maptr.data.transforms import PIXEL_OFFSET, PIXEL_SCALE
 from maptr.deploy.onnx_export import example_inputs
 from maptr.models.maptr import MapTR, build_maptr
 from maptr.models.tensor_ops import Add, MatMul, Mul
@@ -41,10 +42,9 @@ def _float_model(cfg: ModelConfig, seed: int = 0) -> MapTR:
 
 
 def _inputs(model: MapTR, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    img, lidar2img = example_inputs(model, seed)
-    return img.repeat(batch, 1, 1, 1, 1) + 0.1 * torch.arange(batch).view(-1, 1, 1, 1, 1), lidar2img.repeat(
-        batch, 1, 1, 1
-    )
+    """``batch`` different random pixel frames (B, Ncam, 3, H, W) and their rigs (B, Ncam, 4, 4)."""
+    frames = [example_inputs(model, seed + index) for index in range(batch)]
+    return torch.cat([img for img, _ in frames]), torch.cat([lidar2img for _, lidar2img in frames])
 
 
 def _calibrated(cfg: ModelConfig, config: QuantConfig | None = None) -> tuple[MapTR, tuple]:
@@ -112,6 +112,28 @@ def test_int16_goes_to_the_top_of_the_ranking_and_nowhere_else(micro_cfg):
         assert op.activation_dtype == expected and all(q.dtype == expected for q in op.input_quants), op.name
         if op.weight_quant is not None:
             assert op.weight_quant.dtype == "int8"  # int16 is for activations; weights stay int8
+
+
+def test_camera_images_are_quantized_on_the_pixel_grid_without_loss(micro_cfg):
+    """The stem conv's input grid is the 8-bit pixel grid itself, whatever the calibration images were."""
+    model, _ = _calibrated(micro_cfg)
+    image_quant = model.backbone.conv1.input_quant
+    assert image_quant.dtype == "uint8" and image_quant.zero_point.item() == 128
+    assert image_quant.scale.item() == pytest.approx(1 / 128, rel=1e-6)
+    pixels = (torch.arange(256, dtype=torch.float32) - PIXEL_OFFSET) / PIXEL_SCALE  # every 8-bit value, normalized
+    assert torch.equal(image_quant(pixels), pixels)
+
+
+def test_max_pool_readers_share_its_grid_unless_they_are_int16(micro_cfg):
+    model = quantize_model(_float_model(micro_cfg), QuantConfig())
+    pool_grid = model.backbone.maxpool.input_quants[0]
+    block = model.backbone.layer1[0]  # no downsample: the identity path is the residual add's second input
+    assert block.conv1.input_quant is pool_grid and block.residual_add.input_quants[1] is pool_grid
+    model = quantize_model(_float_model(micro_cfg), QuantConfig(int16_ops=("backbone.layer1.0.conv1",)))
+    pool_grid = model.backbone.maxpool.input_quants[0]
+    block = model.backbone.layer1[0]
+    assert block.conv1.input_quant is not pool_grid and block.conv1.input_quant.dtype == "int16"
+    assert block.residual_add.input_quants[1] is pool_grid
 
 
 def test_int16_names_unknown_to_the_model_are_refused(micro_cfg):

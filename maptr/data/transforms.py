@@ -83,6 +83,17 @@ def rgb_to_yuv444(img: torch.Tensor) -> torch.Tensor:
     return torch.stack([y, u, v])
 
 
+# The network sees ``(pixel - PIXEL_OFFSET) / PIXEL_SCALE``: 8-bit pixels land on a grid of step 1 / 128
+# over [-1, 127 / 128], which the quantizer uses as the image input's exact uint8 grid.
+PIXEL_OFFSET = 128.0
+PIXEL_SCALE = 128.0
+
+
+def normalized_pixel_range() -> tuple[float, float]:
+    """The normalized values of pixels 0 and 255: the range of every image the network is fed."""
+    return (0.0 - PIXEL_OFFSET) / PIXEL_SCALE, (255.0 - PIXEL_OFFSET) / PIXEL_SCALE
+
+
 class MultiViewImageTransform:
     """Per-view photometric augmentation and normalization.
 
@@ -142,5 +153,5 @@ class MultiViewImageTransform:
             x = x.float()
             if self.yuv:
                 x = rgb_to_yuv444(x)
-            views.append((x - 128.0) / 128.0)
+            views.append((x - PIXEL_OFFSET) / PIXEL_SCALE)
         return torch.stack(views)  # (Ncam, 3, H, W)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from maptr.atomic import atomic_file
+from maptr.data.transforms import PIXEL_OFFSET, PIXEL_SCALE
 from maptr.models.maptr import MapTR, MapTRInference
 from maptr.quant.fake_quant import ONNX_OPSET, FakeQuantize, FakeQuantMode, onnx_translation_table
 
@@ -72,11 +73,18 @@ def pinhole_rig(image_size: tuple[int, int], num_cams: int = 6) -> Tensor:
     return torch.stack(mats)[None]  # (1, Ncam, 4, 4)
 
 
-def example_inputs(model: MapTR, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Random normalized images (1, Ncam, 3, H, W) and :func:`pinhole_rig` for the model's input size."""
-    width, height = model.image_size
+def random_pixel_images(shape: tuple[int, ...] | list[int], seed: int = 0) -> Tensor:
+    """Uniformly random 8-bit pixels, normalized as the data pipeline normalizes camera images: what the
+    network is fed, on the pixel grid that quantizes the image input losslessly. (..., 3, H, W) float32."""
     gen = torch.Generator().manual_seed(seed)
-    img = torch.randn(1, model.num_cams, 3, height, width, generator=gen)
+    pixels = torch.randint(0, 256, tuple(shape), generator=gen).float()
+    return (pixels - PIXEL_OFFSET) / PIXEL_SCALE
+
+
+def example_inputs(model: MapTR, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """:func:`random_pixel_images` (1, Ncam, 3, H, W) and :func:`pinhole_rig` for the model's input size."""
+    width, height = model.image_size
+    img = random_pixel_images((1, model.num_cams, 3, height, width), seed)
     return img, pinhole_rig((width, height), model.num_cams)
 
 

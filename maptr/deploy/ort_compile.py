@@ -1,10 +1,17 @@
 """Compiling for ONNX Runtime (CPU): optimize the Q/DQ graph once, save it, and measure what it became.
 
-"Compiling" here is ORT's own graph optimizer run ahead of time: at ``extended`` level it fuses every
-``DequantizeLinear -> op -> QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm,
-QLinearAdd, QLinearMatMul, ...), folds constants and fuses LayerNorm / GELU patterns; the result is
-written with ``SessionOptions.optimized_model_filepath`` and later loaded with optimizations off, so the
-deployed file is exactly what runs. ``all`` would add CPU-specific layouts (NCHWc) to the saved file.
+"Compiling" here is three steps run ahead of time (:func:`prepare_for_ort`, then ORT). First the
+input-independent part of the graph is computed once (:func:`~maptr.deploy.constant_folding.fold_constants`:
+ORT folds it in a float model but not behind a DequantizeLinear). Then the ReLUs that the uint8
+quantization after them already performs are removed
+(:func:`~maptr.deploy.redundant_relu.drop_relus_before_quantize`: left in, they keep linears in float).
+Then ORT's own graph optimizer: at ``extended`` level it fuses every ``DequantizeLinear -> op ->
+QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul, ...),
+folds constants and fuses LayerNorm patterns; the result is written with
+``SessionOptions.optimized_model_filepath``. That file is portable across x86 CPUs. Every session of the
+deployed model loads it at :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the
+layouts of the CPU it runs on (channels-last integer convolutions and max-pool), which it cannot save
+portably.
 
 The report puts the deployed model beside the float ONNX model: latency percentiles over alternating
 rounds (both models see the same machine conditions; one ORT session alive at a time), file size,
@@ -25,38 +32,68 @@ import onnx
 
 from maptr.atomic import atomic_file
 from maptr.deploy.checker import LEVELS, KernelInfo, kernel_class, run_onnx_runtime
-from maptr.deploy.ort_runner import SAVED, create_session, run_frame, session_options
+from maptr.deploy.constant_folding import FoldReport, fold_constants
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, create_session, run_frame, session_options
+from maptr.deploy.redundant_relu import drop_relus_before_quantize
 
 COMPILE_KEYS = ("latency_ms_p50", "latency_ms_p90", "size_mb", "ops")
 
 
-def optimize_and_save(source: str | Path, target: str | Path, level: str = "extended") -> Path:
-    """ORT's graph optimizations of ``source`` at ``level``, saved (atomically) as ONNX to ``target``."""
+@dataclass
+class CompiledModel:
+    path: Path  # the saved, optimized model
+    fold: FoldReport  # what the constant folding removed
+    relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
+
+
+def prepare_for_ort(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport, int]:
+    """The graph rewrites done before ORT's optimizer: constant folding, then redundant ReLUs removed.
+
+    Returns:
+        the rewritten model, the folding report and the number of ReLUs removed.
+    """
+    folded, report = fold_constants(model)
+    prepared, relus = drop_relus_before_quantize(folded)
+    onnx.checker.check_model(prepared)
+    return prepared, report, relus
+
+
+def optimize_and_save(source: str | Path, target: str | Path, level: str = "extended") -> CompiledModel:
+    """:func:`prepare_for_ort`, then ORT's graph optimizations at ``level``, saved atomically as ONNX to ``target``.
+
+    Returns:
+        the saved file's path and what the graph rewrites did.
+    """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     import onnxruntime as ort
 
     target = Path(target)
+    prepared, report, relus = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
         options = session_options(threads=1, level=level)
         options.optimized_model_filepath = str(tmp)
         # The temporary name has no .onnx / .ort suffix, from which ORT would guess the format.
         options.add_session_config_entry("session.save_model_format", "ONNX")
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
         onnx.checker.check_model(str(tmp))  # what ORT wrote is a loadable, valid model
-    return target
+    return CompiledModel(target, report, relus)
 
 
-def outputs_match(
-    reference: str | Path, deployed: str | Path, feeds: dict[str, np.ndarray], level: str
-) -> dict[str, float]:
-    """Max |difference| per output between ``reference`` optimized in memory and the saved ``deployed`` file.
+def outputs_match(reference: str | Path, deployed: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Max |difference| per output between ``reference`` compiled in memory and the saved ``deployed`` file.
 
-    Both are ORT's kernels for the same graph, so anything above float rounding means the saved file is
-    not the model that was optimized.
+    The reference is :func:`prepare_for_ort` of the Q/DQ model optimized in one go at
+    :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL`; the saved file is loaded as every deployed session
+    loads it. Both are ORT's kernels for the same graph, so anything above float rounding means the saved
+    file is not the model that was compiled.
     """
-    fresh = create_session(reference, threads=1, level=level)
-    saved = create_session(deployed, threads=1, level=SAVED)
+    prepared, _, _ = prepare_for_ort(onnx.load(str(reference)))
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared_path = Path(tmp) / "prepared.onnx"
+        onnx.save(prepared, str(prepared_path))
+        fresh = create_session(prepared_path, threads=1, level=DEPLOYED_LEVEL)
+    saved = create_session(deployed, threads=1, level=DEPLOYED_LEVEL)
     a = run_frame(fresh, feeds["img"], feeds["lidar2img"])
     b = run_frame(saved, feeds["img"], feeds["lidar2img"])
     return {name: float(np.abs(x - y).max()) for name, x, y in zip(("scores", "pts"), a, b, strict=True)}
@@ -133,8 +170,7 @@ def op_table(kernels: list[KernelInfo]) -> OpTable:
 
 
 def profile_ops(path: str | Path, feeds: dict[str, np.ndarray], threads: int, runs: int, level: str) -> OpTable:
-    """:class:`OpTable` of ``path`` optimized at ``level`` as its latency session is ("basic" for a saved,
-    already optimized model: it only re-runs the constant folding that was done already)."""
+    """:class:`OpTable` of ``path`` loaded at ``level``, as its latency session loads it."""
     with tempfile.TemporaryDirectory() as tmp:
         kernels, _ = run_onnx_runtime(path, Path(tmp) / "profiled.onnx", feeds, level, threads, runs)
     return op_table(kernels)
@@ -178,6 +214,14 @@ def compile_markdown(report: dict, top: int = 12) -> str:
         f"Maximum |saved deployed model - in-memory optimization| per output: {report['saved_model_check']}.",
         "",
     ]
+    fold = report.get("constant_folding")
+    if fold:
+        lines += [
+            f"Constant folding before ORT's optimizer: {fold['folded_nodes']} of the Q/DQ graph's "
+            f"{fold['nodes_before']} nodes depend on no input and were computed once ({fold['new_initializers']} "
+            f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions).",
+            "",
+        ]
     for name, entry in (("float", float_), ("deployed", deployed)):
         micros = entry["ops"]["microseconds_by_op"]
         total = max(sum(micros.values()), 1)

@@ -15,6 +15,7 @@ from maptr.quant.fake_quant import (
     set_fake_quant_mode,
 )
 from maptr.quant.observers import (
+    FixedRangeObserver,
     HistogramObserver,
     MinMaxObserver,
     MSEObserver,
@@ -28,6 +29,7 @@ __all__ = [
     "QUANT_RANGES",
     "FakeQuantMode",
     "FakeQuantize",
+    "FixedRangeObserver",
     "HistogramObserver",
     "MSEObserver",
     "MinMaxObserver",

@@ -13,6 +13,8 @@ padding, ReLU outputs and masked values stay exact).
   the histogram: clipping error of the values outside the range plus rounding noise (step^2 / 12) of
   the values inside it. It trades resolution against clipping for the dtype's number of steps.
 - :class:`PerChannelAbsMaxObserver`: symmetric per-output-channel range of a weight (axis 0).
+- :class:`FixedRangeObserver`: a range known in advance (the normalized 8-bit pixel grid of the camera
+  images): no data needed, nothing learned from it.
 
 Everything is deterministic: the same sequence of ``update`` calls gives the same range (histograms are
 exact integer counts, the searches are exhaustive over fixed candidate grids). Symmetric ranges are
@@ -107,6 +109,41 @@ class MinMaxObserver(RangeObserver):
         if not self.has_data:
             raise RuntimeError("MinMaxObserver has seen no values: run calibration data through it first")
         lo, hi = min(self.min_value, 0.0), max(self.max_value, 0.0)
+        if symmetric:
+            bound = max(-lo, hi)
+            lo, hi = -bound, bound
+        return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+
+
+class FixedRangeObserver(RangeObserver):
+    """A clipping range fixed in advance, whatever the data (which it ignores).
+
+    For tensors whose grid is known exactly: the camera images are 8-bit pixels normalized by
+    ``(pixel - 128) / 128``, so the uint8 grid over [-1, 127 / 128] (step 1 / 128, zero point 128) holds
+    every pixel value exactly, where a range estimated from calibration images would put the grid
+    between pixel levels and round half of them.
+
+    Args:
+        lo, hi: the range, ``lo <= 0 <= hi``.
+    """
+
+    def __init__(self, lo: float, hi: float) -> None:
+        if not lo <= 0.0 <= hi or lo == hi:
+            raise ValueError(f"a fixed range needs lo <= 0 <= hi and lo < hi, got [{lo}, {hi}]")
+        self.lo, self.hi = float(lo), float(hi)
+
+    def reset(self) -> None:
+        pass  # nothing is accumulated
+
+    @property
+    def has_data(self) -> bool:
+        return True
+
+    def update(self, x: Tensor) -> None:
+        pass
+
+    def compute_range(self, num_steps: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+        lo, hi = self.lo, self.hi
         if symmetric:
             bound = max(-lo, hi)
             lo, hi = -bound, bound

@@ -19,6 +19,13 @@ Quantized operators (the units of the sensitivity ranking, named by module path)
   wide range) and ``samples x attention weights`` (``weight_product``: the softmaxed attention weights);
 - the residual adds inside the ResNet blocks and the stem's max-pool (so that the stem conv ends in Q).
 
+Two tensors get a grid that is known rather than estimated. The camera images (the input of
+:data:`IMAGE_INPUT_OP`) are 8-bit pixels normalized by ``(pixel - 128) / 128``: their uint8 grid is the
+pixel grid itself (scale 1 / 128, zero point 128), so the image input is quantized losslessly and needs
+no int16. And the stem's max-pool output keeps the grid of its input (:func:`_tie_max_pool_grid`): the
+maximum of values on a grid is on that grid, so its consumers need no grid of their own, and ONNX
+Runtime runs the max-pool on uint8 (it does so only when the Q after it has the DQ's scale).
+
 BatchNorm is folded into the preceding conv first (:func:`fold_batch_norms`): a deployed int model has
 no BatchNorm, and QAT then trains the folded weights.
 
@@ -39,10 +46,17 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from maptr.config import ModelConfig
+from maptr.data.transforms import normalized_pixel_range
 from maptr.models.maptr import MapTR, build_maptr
 from maptr.models.tensor_ops import Add, MatMul, Mul
 from maptr.quant.fake_quant import FakeQuantize, FakeQuantMode, QuantWrapper, WeightFakeQuantize, fake_quant
-from maptr.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, RangeObserver
+from maptr.quant.observers import (
+    FixedRangeObserver,
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    RangeObserver,
+)
 
 # Module paths (prefixes) of the float model that are never quantized, and why.
 FLOAT_MODULES: dict[str, str] = {
@@ -78,6 +92,7 @@ FLOAT_OPERATIONS: dict[str, str] = {
     "them: a quantized tensor stays on its grid",
 }
 
+IMAGE_INPUT_OP = "backbone.conv1"  # the first operator on the camera images: its input is the pixel grid
 ACTIVATION_DTYPE = "uint8"  # what ONNX Runtime's CPU integer kernels take (environment-notes.md)
 SENSITIVE_DTYPE = "int16"
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -289,12 +304,40 @@ def quantize_model(model: MapTR, config: QuantConfig) -> MapTR:
     for name, module in targets:
         dtype = SENSITIVE_DTYPE if name in config.int16_ops else ACTIVATION_DTYPE
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            wrapped: nn.Module = _weight_wrapper(module, config.activation_quant(dtype), config.weight_reduce_range)
+            input_quant = config.activation_quant(dtype)
+            if name == IMAGE_INPUT_OP and dtype == ACTIVATION_DTYPE:
+                input_quant = FakeQuantize(dtype, observer=FixedRangeObserver(*normalized_pixel_range()))
+            wrapped: nn.Module = _weight_wrapper(module, input_quant, config.weight_reduce_range)
         else:
             num_inputs = 1 if isinstance(module, nn.MaxPool2d) else 2
             wrapped = QuantizedOp(module, [config.activation_quant(dtype) for _ in range(num_inputs)])
         _set_submodule(model, name, wrapped)
+    _tie_max_pool_grid(model)
     return model
+
+
+def _tie_max_pool_grid(model: MapTR) -> None:
+    """Gives the readers of the stem max-pool's output the max-pool's own input fake-quant (one module).
+
+    Max-pooling selects values, so its output is on its input's grid already. Re-quantizing it with a
+    grid calibrated on its own would round every value a second time and, in ONNX Runtime, keep the
+    max-pool in float between a DQ and a Q of different scales (~0.5 ms per frame on nano: DQ, float
+    max-pool, Q). The readers are the first ResNet block's ``conv1`` and its identity path (the residual
+    add's second input, or the downsample conv). Tied only where the reader's dtype is the max-pool's
+    (an int16 reader from the sensitivity ranking keeps its own grid).
+    """
+    pool = model.backbone.maxpool
+    block = model.backbone.layer1[0]
+    if not isinstance(pool, QuantizedOp):
+        return
+    source = pool.input_quants[0]
+    if isinstance(block.conv1, QuantWrapper) and block.conv1.input_quant.dtype == source.dtype:
+        block.conv1.input_quant = source
+    if block.downsample is not None:
+        if isinstance(block.downsample, QuantWrapper) and block.downsample.input_quant.dtype == source.dtype:
+            block.downsample.input_quant = source
+    elif isinstance(block.residual_add, QuantizedOp) and block.residual_add.input_quants[1].dtype == source.dtype:
+        block.residual_add.input_quants[1] = source
 
 
 @dataclass

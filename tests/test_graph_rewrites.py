@@ -1,0 +1,154 @@
+"""The ONNX rewrites of the compile stage, on hand-made graphs: constant folding of a Q/DQ graph and the
+removal of ReLUs that a uint8 QuantizeLinear makes redundant. Both must keep every output value."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from maptr.deploy.constant_folding import constant_nodes, fold_constants
+from maptr.deploy.ort_compile import prepare_for_ort
+from maptr.deploy.redundant_relu import drop_relus_before_quantize
+
+OPSET = 21
+
+
+def _model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in initializers.items()]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "disabled") -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _optimized_op_types(model: onnx.ModelProto, tmp_path) -> list[str]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+def _qdq_linear_model(relu: bool) -> onnx.ModelProto:
+    """x (1, 4, 8) -> uint8 Q/DQ -> MatMul with a per-channel int8 weight (DQ -> Transpose, as the exporter
+    writes a linear) -> + bias [-> Relu] -> uint8 Q (zero point 0) / DQ -> y. A constant branch
+    (query embedding -> Mul -> Add) feeds the input too, as MapTR's learned queries do. The input is 3-D,
+    as MapTR's (batch, queries, channels): ORT then wraps its Gemm in Reshapes."""
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-60, 60, size=(16, 8)).astype(np.int8)  # (C_out, C_in), axis-0 scales
+    init = {
+        "w_q": weight, "w_scale": np.full(16, 0.02, np.float32), "w_zp": np.zeros(16, np.int8),
+        "bias": rng.normal(size=16).astype(np.float32),
+        "query": rng.normal(size=(1, 4, 8)).astype(np.float32), "two": np.array(2.0, np.float32),
+        "x_scale": np.array(0.05, np.float32), "x_zp": np.array(128, np.uint8),
+        "y_scale": np.array(0.04, np.float32), "y_zp": np.array(0, np.uint8),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Mul", ["query", "two"], ["query2"]),  # constant
+        helper.make_node("Add", ["x", "query2"], ["xq"]),
+        helper.make_node("QuantizeLinear", ["xq", "x_scale", "x_zp"], ["x_u8"]),
+        helper.make_node("DequantizeLinear", ["x_u8", "x_scale", "x_zp"], ["x_f"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_f"], axis=0),  # constant
+        helper.make_node("Transpose", ["w_f"], ["w_t"], perm=[1, 0]),  # constant, between DQ and MatMul
+        helper.make_node("MatMul", ["x_f", "w_t"], ["mm"]),
+        helper.make_node("Add", ["mm", "bias"], ["lin"]),
+    ]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["lin"], ["act"]))
+    nodes += [
+        helper.make_node("QuantizeLinear", ["act" if relu else "lin", "y_scale", "y_zp"], ["y_u8"]),
+        helper.make_node("DequantizeLinear", ["y_u8", "y_scale", "y_zp"], ["y"]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])],
+        init,
+    )
+
+
+def _feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).normal(size=(1, 4, 8)).astype(np.float32) * 3}
+
+
+def test_constant_nodes_are_those_that_read_no_graph_input():
+    model = _qdq_linear_model(relu=False)
+    flags = dict(zip((node.output[0] for node in model.graph.node), constant_nodes(model.graph), strict=True))
+    assert flags == {"query2": True, "xq": False, "x_u8": False, "x_f": False, "w_f": True, "w_t": True,
+                     "mm": False, "lin": False, "y_u8": False, "y": False}  # fmt: skip
+
+
+def test_folding_keeps_the_values_and_the_weight_chain_for_the_integer_kernel(tmp_path):
+    model = _qdq_linear_model(relu=False)
+    folded, report = fold_constants(model)
+    ops = [node.op_type for node in folded.graph.node]
+    assert "Mul" not in ops  # the constant query branch was computed once ...
+    assert ops.count("DequantizeLinear") == 3 and "Transpose" in ops  # ... the weight's DQ -> Transpose was not
+    assert report.folded_nodes == 1 and report.kept_constant_dq == 1 and report.nodes_after == len(ops)
+    assert {"w_q", "w_scale"} <= {name for node in folded.graph.node for name in node.input}  # learned int8 grid
+    np.testing.assert_array_equal(_run(folded, _feeds())[0], _run(model, _feeds())[0])
+    # Folded into a float initializer, the weight would be requantized by ORT on its own per-tensor grid.
+    assert "QGemm" in _optimized_op_types(folded, tmp_path)
+
+
+def test_folding_a_graph_output_that_is_constant():
+    init = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["a"], ["c"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 3])],
+        init,
+    )  # fmt: skip
+    folded, report = fold_constants(model)
+    assert [node.op_type for node in folded.graph.node] == ["Relu"] and report.new_initializers == 1
+    y, c = _run(folded, {"x": np.array([-1.0, 2.0], np.float32)})
+    np.testing.assert_array_equal(c, -init["a"])
+    np.testing.assert_array_equal(y, [0.0, 2.0])
+
+
+def test_relu_before_a_zero_point_0_uint8_quantize_is_dropped_and_the_linear_becomes_integer(tmp_path):
+    model = _qdq_linear_model(relu=True)
+    dropped, count = drop_relus_before_quantize(model)
+    assert count == 1 and "Relu" not in [node.op_type for node in dropped.graph.node]
+    onnx.checker.check_model(dropped)
+    feeds = _feeds()
+    reference = _run(model, feeds)[0]
+    assert (reference == 0).any() and (reference > 0).any()  # the ReLU did clip something
+    np.testing.assert_array_equal(_run(dropped, feeds)[0], reference)
+    prepared, _, relus = prepare_for_ort(model)
+    assert relus == 1 and "QGemm" in _optimized_op_types(prepared, tmp_path)
+
+
+@pytest.mark.parametrize("zero_point, second_reader", [(np.uint8(3), False), (np.uint8(0), True)])
+def test_relu_that_changes_values_is_kept(zero_point, second_reader):
+    """A zero point above the bottom of the range keeps negative values apart from 0; a second reader of
+    the ReLU output needs the ReLU itself."""
+    init = {"s": np.array(0.1, np.float32), "z": np.array(zero_point)}
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])]
+    if second_reader:
+        nodes.append(helper.make_node("Neg", ["r"], ["n"]))
+        outputs.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, [3]))
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])], outputs, init)
+    kept, count = drop_relus_before_quantize(model)
+    assert count == 0 and [node.op_type for node in kept.graph.node] == [node.op_type for node in model.graph.node]
