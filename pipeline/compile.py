@@ -34,6 +34,7 @@ from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_i
 from maptr.deploy.ort_compile import (
     alternating_latency,
     compile_markdown,
+    latency_summary,
     model_figures,
     optimize_and_save,
     outputs_match,
@@ -66,8 +67,8 @@ def main() -> None:
     if cfg.optimization_level not in LEVELS:
         raise ParamsError(f"{args.params}: compile.optimization_level: {cfg.optimization_level!r} is not one of "
                           f"{sorted(LEVELS)}")  # fmt: skip
-    if min(cfg.threads, cfg.runs, cfg.rounds) < 1:
-        raise ParamsError(f"{args.params}: compile.threads, compile.runs and compile.rounds must be >= 1")
+    if min(cfg.threads, cfg.runs, cfg.rounds, *cfg.thread_sweep) < 1:
+        raise ParamsError(f"{args.params}: compile.threads, thread_sweep, runs and rounds must be >= 1")
     torch.set_num_threads(1)
     start = time.perf_counter()
     compiled = optimize_and_save(args.qdq, args.out, cfg.optimization_level)
@@ -85,6 +86,11 @@ def main() -> None:
     }
     report = {name: model_figures(latency[name], models[name][0], tables[name]) for name in ("float", "deployed")}
     report["speedup_p50"] = report["float"]["latency_ms_p50"] / report["deployed"]["latency_ms_p50"]
+    # The same comparison at other thread counts: integer kernels and the float rest scale differently.
+    by_threads = {cfg.threads: latency}
+    for threads in sorted(set(cfg.thread_sweep) - {cfg.threads}):
+        by_threads[threads] = alternating_latency(models, feeds, threads, cfg.warmup, cfg.runs, cfg.rounds)
+    report["by_threads"] = {str(threads): latency_summary(times) for threads, times in sorted(by_threads.items())}
     report.update(
         deployed_model=args.out, float_model=args.float_model, optimization_level=cfg.optimization_level,
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
@@ -100,7 +106,9 @@ def main() -> None:
         f"{d['ops']['integer_kernels']} integer / {d['ops']['float_kernels']} float kernels, {d['size_mb']:.1f} MB\n"
         f"float    {args.float_model}: p50 {f['latency_ms_p50']:.1f} ms (p90 {f['latency_ms_p90']:.1f}), "
         f"{f['size_mb']:.1f} MB\nspeed-up {report['speedup_p50']:.2f}x ({cfg.threads} threads, load "
-        f"{report['load_average']}); {time.perf_counter() - start:.0f} s in all"
+        f"{report['load_average']}); deployed / float by threads: "
+        + ", ".join(f"{t}: {row['deployed_over_float']:.2f}" for t, row in report["by_threads"].items())
+        + f"; {time.perf_counter() - start:.0f} s in all"
     )
 
     with StageRun("compile", {"compile": asdict(cfg)}) as run:
@@ -110,6 +118,8 @@ def main() -> None:
             "deployed/size_mb": d["size_mb"], "deployed/integer_kernels": d["ops"]["integer_kernels"],
             "deployed/float_kernels": d["ops"]["float_kernels"], "speedup_p50": report["speedup_p50"],
         })  # fmt: skip
+        for threads, row in report["by_threads"].items():
+            run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
         run.log_artifact(args.report)
         run.log_artifact(args.table)
         log_onnx_model(args.out, "maptr_deploy")

@@ -33,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def micro(tmp_path_factory):
     """Micro params, a calibrated micro model saved as a QAT checkpoint, and both exports."""
     out = tmp_path_factory.mktemp("deploy")
-    params = write_micro_params(out, compile={"threads": 1, "warmup": 1, "runs": 4, "profile_runs": 1},
-                                validate={"batch_size": 2, "top_k": 5})  # fmt: skip
+    compile_params = {"threads": 1, "thread_sweep": [2, 1], "warmup": 1, "runs": 4, "profile_runs": 1}
+    params = write_micro_params(out, compile=compile_params, validate={"batch_size": 2, "top_k": 5})
     cfg = load_model_config(load_params(params))
     torch.manual_seed(0)
     quant_cfg = QuantConfig(int16_ops=("head.cls_branches.1.0",), observer="minmax")
@@ -88,6 +88,12 @@ def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch
     assert "latency p50" in text and "QLinearConv" in text and "Speed-up" in text
     create_session(tmp_path / "deploy.onnx", threads=1, level=SAVED)  # loads without re-optimizing
     assert doc["deployed_load_level"] == "all" and doc["constant_folding"]["folded_nodes"] > 0
+    sweep = doc["by_threads"]
+    assert sorted(sweep) == ["1", "2"] and sweep["1"]["deployed_ms_p50"] == doc["deployed"]["latency_ms_p50"]
+    assert sweep["2"]["deployed_over_float"] == pytest.approx(
+        sweep["2"]["deployed_ms_p50"] / sweep["2"]["float_ms_p50"]
+    )
+    assert "| intra-op threads |" in text
 
 
 def test_output_agreement_on_a_hand_made_case():

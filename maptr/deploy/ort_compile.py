@@ -187,6 +187,12 @@ def model_figures(latency_ms: np.ndarray, path: str | Path, table: OpTable) -> d
     }
 
 
+def latency_summary(times: dict[str, np.ndarray]) -> dict[str, float]:
+    """p50 of the float and deployed models from :func:`alternating_latency`'s times, and their ratio."""
+    float_p50, deployed_p50 = (float(np.percentile(times[name], 50)) for name in ("float", "deployed"))
+    return {"float_ms_p50": float_p50, "deployed_ms_p50": deployed_p50, "deployed_over_float": deployed_p50 / float_p50}
+
+
 def compile_markdown(report: dict, top: int = 12) -> str:
     """The readable table of a compile report: figures side by side, then where the time goes."""
     float_, deployed = report["float"], report["deployed"]
@@ -214,12 +220,21 @@ def compile_markdown(report: dict, top: int = 12) -> str:
         f"Maximum |saved deployed model - in-memory optimization| per output: {report['saved_model_check']}.",
         "",
     ]
+    sweep = report.get("by_threads")
+    if sweep:
+        lines += ["| intra-op threads | float p50 (ms) | deployed p50 (ms) | deployed / float |", "|---|---|---|---|"]
+        for threads, row in sweep.items():
+            lines.append(f"| {threads} | {row['float_ms_p50']:.1f} | {row['deployed_ms_p50']:.1f} | "
+                         f"{row['deployed_over_float']:.2f} |")  # fmt: skip
+        lines.append("")
     fold = report.get("constant_folding")
     if fold:
         lines += [
             f"Constant folding before ORT's optimizer: {fold['folded_nodes']} of the Q/DQ graph's "
             f"{fold['nodes_before']} nodes depend on no input and were computed once ({fold['new_initializers']} "
-            f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions).",
+            f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions). "
+            f"ReLUs made redundant by the uint8 quantization after them, removed: {report.get('relus_removed', 0)}. "
+            f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]
     for name, entry in (("float", float_), ("deployed", deployed)):
