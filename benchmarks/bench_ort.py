@@ -7,7 +7,8 @@
     python benchmarks/bench_ort.py --threads 2 --bound            # profiled conv share and the int latency bound
 
 Latency: models/maptr_float.onnx (ORT's default optimizations, `all`) and models/maptr_deploy.onnx (saved
-at the compile level, loaded without re-optimizing) run round-robin on the same random frame; prints
+at the compile level, loaded at ORT level `all` as every deployed session is) run in alternating rounds on
+the same random frame; prints
 min / median / p90 and the ratio. `--r50` builds the untrained r50 preset (800x480, ResNet50, BEV 200x100),
 exports it as float ONNX, then quantizes it (all 8-bit, calibrated on one random frame) and exports the
 Q/DQ graph, printing each step's time and the files' sizes; then compiles the Q/DQ graph as the compile
@@ -66,7 +67,7 @@ def latency_bound(args: argparse.Namespace) -> None:
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     convs, totals = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path, level in (("float", args.float_model, "all"), ("deployed", args.deployed, "basic")):
+        for name, path, level in (("float", args.float_model, "all"), ("deployed", args.deployed, DEPLOYED_LEVEL)):
             kernels, _ = run_onnx_runtime(path, Path(tmp) / f"{name}.onnx", feeds, level, args.threads, args.runs)
             # (op type, ms) of each convolution in graph order: both graphs keep the backbone's order
             convs[name] = [(k.op_type, k.microseconds / 1e3) for k in kernels if k.op_type in ("Conv", "QLinearConv")]
