@@ -5,6 +5,7 @@
     python benchmarks/bench_ort.py --r50                          # untrained r50: export float + Q/DQ, timed
     python benchmarks/bench_ort.py --threads 2 --camera-paths     # exported camera attention: visible vs dense
     python benchmarks/bench_ort.py --threads 2 --bound            # profiled conv share and the int latency bound
+    python benchmarks/bench_ort.py --threads 2 --as-saved         # + the deployed file loaded without load-time layouts
 
 Latency: models/maptr_float.onnx (ORT's default optimizations, `all`) and models/maptr_deploy.onnx (saved
 at the compile level, loaded at ORT level `all` as every deployed session is) run in alternating rounds on
@@ -35,7 +36,7 @@ import torch
 from maptr.config import load_model_config, load_params
 from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx
 from maptr.deploy.ort_compile import alternating_latency
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import QuantConfig, quantize_model
@@ -54,7 +55,10 @@ def time_models(args: argparse.Namespace, models: dict[str, tuple[str | Path, st
 
 
 def latency(args: argparse.Namespace) -> None:
-    times = time_models(args, {"float": (args.float_model, "all"), "deployed": (args.deployed, DEPLOYED_LEVEL)})
+    models = {"float": (args.float_model, "all"), "deployed": (args.deployed, DEPLOYED_LEVEL)}
+    if args.as_saved:
+        models["deployed as saved"] = (args.deployed, SAVED)  # no load-time layouts: NCHW integer kernels
+    times = time_models(args, models)
     ratio = np.median(times["deployed"]) / np.median(times["float"])
     print(f"  deployed / float p50: {ratio:.2f} (min: {times['deployed'].min() / times['float'].min():.2f})")
 
@@ -161,6 +165,8 @@ def main() -> None:
     p.add_argument("--r50-runs", type=int, default=5, help="with --r50: timed runs per model (0: export only)")
     p.add_argument("--camera-paths", action="store_true", help="visible-pairs vs dense camera attention, exported")
     p.add_argument("--bound", action="store_true", help="profiled convolution share and the latency bound")
+    p.add_argument("--as-saved", action="store_true", help="also time the deployed file loaded without ORT's "
+                   "load-time layouts (what every deployed session used before 2026-12-05)")  # fmt: skip
     p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt")
     p.add_argument("--qat-checkpoint", default="models/qat-checkpoint-best.pt")
     args = p.parse_args()
