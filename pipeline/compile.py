@@ -73,7 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     compiled = optimize_and_save(args.qdq, args.out, cfg.optimization_level)
     feeds = frame_inputs(args.qdq)
-    check = outputs_match(args.qdq, args.out, feeds)
+    check = outputs_match(args.qdq, args.out, feeds, cfg.optimization_level)
     if max(check.values()) > SAVED_MODEL_TOLERANCE:
         raise RuntimeError(f"{args.out} does not reproduce the optimized model's outputs: max diff {check}")
     compile_seconds = time.perf_counter() - start
@@ -96,7 +96,8 @@ def main() -> None:
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check,
         compile_seconds=compile_seconds, constant_folding=compiled.fold.to_dict(),
-        relus_removed=compiled.relus_removed, deployed_load_level=DEPLOYED_LEVEL,
+        relus_removed=compiled.relus_removed, float_weights_folded=compiled.float_weights_folded,
+        deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))
     write_text_atomic(args.table, compile_markdown(report))

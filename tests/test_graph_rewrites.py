@@ -106,6 +106,29 @@ def test_folding_keeps_the_values_and_the_weight_chain_for_the_integer_kernel(tm
     assert "QGemm" in _optimized_op_types(folded, tmp_path)
 
 
+def test_after_ort_a_leftover_weight_dequantize_is_folded_into_a_float_weight(tmp_path):
+    # The linear's output is not quantized, so ORT keeps it float and the weight's DQ runs per frame.
+    model = _qdq_linear_model(relu=False)
+    model.graph.node.pop()  # the output DQ ...
+    model.graph.node.pop()  # ... and Q: the linear's output stays float
+    model.graph.output[0].name = "lin"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    ops = [node.op_type for node in optimized.graph.node]
+    assert "QGemm" not in ops and "DequantizeLinear" in ops
+
+    kept, _ = fold_constants(optimized)  # before ORT's optimizer the weight DQ must stay ...
+    assert sum(node.op_type == "DequantizeLinear" for node in kept.graph.node) == 2
+    folded, report = fold_constants(optimized, keep_dequantize=False)  # ... after it, nothing fuses it any more
+    weight_dq = [node for node in folded.graph.node
+                 if node.op_type == "DequantizeLinear" and node.input[0] == "w_q"]  # fmt: skip
+    assert not weight_dq and report.folded_nodes >= 1
+    np.testing.assert_array_equal(_run(folded, _feeds())[0], _run(optimized, _feeds())[0])
+
+
 def test_folding_a_graph_output_that_is_constant():
     init = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
     model = _model(

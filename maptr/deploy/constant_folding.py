@@ -89,11 +89,14 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[s
     return dict(zip(names, session.run(names, {}), strict=True))
 
 
-def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tuple[onnx.ModelProto, FoldReport]:
     """A copy of ``model`` with its input-independent nodes replaced by initializers (see the module doc).
 
     Args:
         model: an ONNX model (float or Q/DQ), nodes in topological order, no external data.
+        keep_dequantize: keep a constant DQ (and its layout chain) read by a run-time node, so that ORT
+            can still fuse it into an integer kernel. ``False`` folds it too: for a graph ORT has already
+            optimized, where a DQ left in place feeds a float kernel and would only run on every frame.
     Returns:
         the folded model (same inputs, outputs and opsets; ``onnx.checker`` clean) and a :class:`FoldReport`.
     """
@@ -113,7 +116,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]
         if not flags[index]:
             continue
         if node.op_type == "DequantizeLinear":
-            dq_rooted[index] = True
+            dq_rooted[index] = keep_dequantize
         elif node.op_type in _LAYOUT_OPS and node.input and node.input[0] in producer:
             dq_rooted[index] = dq_rooted[producer[node.input[0]]]
 

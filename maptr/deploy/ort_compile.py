@@ -8,10 +8,11 @@ quantization after them already performs are removed
 Then ORT's own graph optimizer: at ``extended`` level it fuses every ``DequantizeLinear -> op ->
 QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul, ...),
 folds constants and fuses LayerNorm patterns; the result is written with
-``SessionOptions.optimized_model_filepath``. That file is portable across x86 CPUs. Every session of the
-deployed model loads it at :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the
-layouts of the CPU it runs on (channels-last integer convolutions and max-pool), which it cannot save
-portably.
+``SessionOptions.optimized_model_filepath``. The weight DQs it left (in front of kernels that stay
+float) are folded into float initializers last: nothing reads their integer grid any more. That file
+is portable across x86 CPUs. Every session of the deployed model loads it at
+:data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the layouts of the CPU it runs
+on (channels-last integer convolutions and max-pool), which it cannot save portably.
 
 The report puts the deployed model beside the float ONNX model: latency percentiles over alternating
 rounds (both models see the same machine conditions; one ORT session alive at a time), file size,
@@ -26,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -33,8 +35,11 @@ import onnx
 from maptr.atomic import atomic_file
 from maptr.deploy.checker import LEVELS, KernelInfo, kernel_class, run_onnx_runtime
 from maptr.deploy.constant_folding import FoldReport, fold_constants
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL, create_session, run_frame, session_options
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session, run_frame, session_options
 from maptr.deploy.redundant_relu import drop_relus_before_quantize
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 COMPILE_KEYS = ("latency_ms_p50", "latency_ms_p90", "size_mb", "ops")
 
@@ -44,6 +49,7 @@ class CompiledModel:
     path: Path  # the saved, optimized model
     fold: FoldReport  # what the constant folding removed
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
+    float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
 
 
 def prepare_for_ort(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport, int]:
@@ -58,6 +64,17 @@ def prepare_for_ort(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport
     return prepared, report, relus
 
 
+def _ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> None:
+    """ORT's graph optimizations at ``level`` applied to ``prepared``, the result written as ONNX to ``path``."""
+    import onnxruntime as ort
+
+    options = session_options(threads=1, level=level)
+    options.optimized_model_filepath = str(path)
+    # A temporary name has no .onnx / .ort suffix, from which ORT would guess the format.
+    options.add_session_config_entry("session.save_model_format", "ONNX")
+    ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def optimize_and_save(source: str | Path, target: str | Path, level: str = "extended") -> CompiledModel:
     """:func:`prepare_for_ort`, then ORT's graph optimizations at ``level``, saved atomically as ONNX to ``target``.
 
@@ -66,37 +83,51 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
-    import onnxruntime as ort
-
     target = Path(target)
     prepared, report, relus = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
-        options = session_options(threads=1, level=level)
-        options.optimized_model_filepath = str(tmp)
-        # The temporary name has no .onnx / .ort suffix, from which ORT would guess the format.
-        options.add_session_config_entry("session.save_model_format", "ONNX")
-        ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        onnx.checker.check_model(str(tmp))  # what ORT wrote is a loadable, valid model
-    return CompiledModel(target, report, relus)
+        _ort_optimize(prepared, tmp, level)
+        # A weight DQ that ORT could not fuse feeds a float kernel (a linear whose output stays float):
+        # left in, it dequantizes the same weight on every frame and the kernel cannot pre-pack it.
+        optimized, leftover = fold_constants(onnx.load(str(tmp)), keep_dequantize=False)
+        onnx.save(optimized, str(tmp))
+        onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
+    return CompiledModel(target, report, relus, leftover.folded_nodes)
 
 
-def outputs_match(reference: str | Path, deployed: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+def _max_differences(a: ort.InferenceSession, b: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Max |difference| of (scores, pts) between two sessions on ``feeds``."""
+    out_a = run_frame(a, feeds["img"], feeds["lidar2img"])
+    out_b = run_frame(b, feeds["img"], feeds["lidar2img"])
+    return np.array([np.abs(x - y).max() for x, y in zip(out_a, out_b, strict=True)], dtype=np.float64)
+
+
+def outputs_match(
+    reference: str | Path, deployed: str | Path, feeds: dict[str, np.ndarray], level: str = "extended"
+) -> dict[str, float]:
     """Max |difference| per output between ``reference`` compiled in memory and the saved ``deployed`` file.
 
-    The reference is :func:`prepare_for_ort` of the Q/DQ model optimized in one go at
-    :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL`; the saved file is loaded as every deployed session
-    loads it. Both are ORT's kernels for the same graph, so anything above float rounding means the saved
-    file is not the model that was compiled.
+    Two comparisons, each of ORT's kernels for the same graph, so anything above float rounding means the
+    saved file is not the model that was compiled:
+
+    - :func:`prepare_for_ort` of the Q/DQ model optimized in one go at
+      :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` vs the same optimized at the compile ``level``, saved and
+      loaded as every deployed session loads it;
+    - that saved graph vs the deployed file (its leftover weight DQs folded), both run as written (level
+      ``disabled``): folding must not change a value. At other levels the folded weights are pre-packed,
+      which reorders float sums, and a rounding difference can move a value across a quantization step.
     """
     prepared, _, _ = prepare_for_ort(onnx.load(str(reference)))
     with tempfile.TemporaryDirectory() as tmp:
-        prepared_path = Path(tmp) / "prepared.onnx"
+        prepared_path, unfolded_path = Path(tmp) / "prepared.onnx", Path(tmp) / "unfolded.onnx"
         onnx.save(prepared, str(prepared_path))
-        fresh = create_session(prepared_path, threads=1, level=DEPLOYED_LEVEL)
-    saved = create_session(deployed, threads=1, level=DEPLOYED_LEVEL)
-    a = run_frame(fresh, feeds["img"], feeds["lidar2img"])
-    b = run_frame(saved, feeds["img"], feeds["lidar2img"])
-    return {name: float(np.abs(x - y).max()) for name, x, y in zip(("scores", "pts"), a, b, strict=True)}
+        _ort_optimize(prepared, unfolded_path, level)
+        one_go = create_session(prepared_path, threads=1, level=DEPLOYED_LEVEL)
+        unfolded = create_session(unfolded_path, threads=1, level=DEPLOYED_LEVEL)
+        unfolded_as_written = create_session(unfolded_path, threads=1, level=SAVED)
+    saved = create_session(deployed, threads=1, level=SAVED)
+    worst = np.maximum(_max_differences(one_go, unfolded, feeds), _max_differences(unfolded_as_written, saved, feeds))
+    return {name: float(value) for name, value in zip(("scores", "pts"), worst, strict=True)}
 
 
 def alternating_latency(
@@ -234,6 +265,7 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"{fold['nodes_before']} nodes depend on no input and were computed once ({fold['new_initializers']} "
             f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions). "
             f"ReLUs made redundant by the uint8 quantization after them, removed: {report.get('relus_removed', 0)}. "
+            f"Weight DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]

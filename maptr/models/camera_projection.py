@@ -63,24 +63,23 @@ def project_to_cameras(
     """
     num_anchors, num_query, _ = points.shape
     batch, num_cams = lidar2img.shape[:2]
-    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # (A, Lq, 4)
-    homogeneous = homogeneous.flatten(0, 1)  # (A*Lq, 4)
-    # Row-vector form (p @ M^T) broadcasts one matmul over batch and cameras.
-    projected = homogeneous @ lidar2img.transpose(-1, -2)  # (B, Ncam, A*Lq, 4)
-    depth = projected[..., 2:3]  # (B, Ncam, A*Lq, 1)
-    pixels = projected[..., 0:2] / depth.clamp(min=eps)  # (B, Ncam, A*Lq, 2)
     width, height = image_size
-    scale = torch.tensor([1.0 / width, 1.0 / height], dtype=points.dtype, device=points.device)
-    normalized = pixels * scale  # (B, Ncam, A*Lq, 2)
-    inside = (
-        (depth[..., 0] > eps)
-        & (normalized[..., 0] > 0.0)
-        & (normalized[..., 0] < 1.0)
-        & (normalized[..., 1] > 0.0)
-        & (normalized[..., 1] < 1.0)
-    )  # (B, Ncam, A*Lq)
-    inside = inside.to(points.dtype).view(batch, num_cams, num_anchors, num_query)  # (B, Ncam, A, Lq)
-    visible = inside.amax(dim=2)  # (B, Ncam, Lq)
-    normalized = normalized.clamp(-1.0, 2.0).view(batch, num_cams, num_anchors, num_query, 2)
-    reference_points = normalized.permute(0, 1, 3, 2, 4)  # (B, Ncam, Lq, A, 2)
+    # Query-major columns (cell q's anchors adjacent): the results then reshape to (.., Lq, A) for free.
+    columns = points.transpose(0, 1).reshape(num_query * num_anchors, 3).T  # (3, Lq*A)
+    homogeneous = torch.cat([columns, torch.ones_like(columns[:1])], dim=0)  # (4, Lq*A)
+    # The image size goes into the matrix rows, so the projection lands in normalized coordinates, and
+    # each of (u*d/W, v*d/H, d) is a contiguous row: elementwise ops on whole rows, no broadcasting
+    # over a trailing dimension of 2 (which ONNX Runtime runs ~10x slower than a flat elementwise op).
+    scale = torch.tensor([1.0 / width, 1.0 / height, 1.0], dtype=points.dtype, device=points.device)
+    matrix = lidar2img[:, :, :3] * scale[:, None]  # (B, Ncam, 3, 4)
+    projected = matrix @ homogeneous  # (B, Ncam, 3, Lq*A)
+    u_scaled, v_scaled, depth = projected.unbind(dim=2)  # (B, Ncam, Lq*A) each
+    safe_depth = depth.clamp(min=eps)
+    x = u_scaled / safe_depth  # (B, Ncam, Lq*A) u / W
+    y = v_scaled / safe_depth  # (B, Ncam, Lq*A) v / H
+    inside = (depth > eps) & (x > 0.0) & (x < 1.0) & (y > 0.0) & (y < 1.0)  # (B, Ncam, Lq*A)
+    inside = inside.to(points.dtype).view(batch, num_cams, num_query, num_anchors)  # (B, Ncam, Lq, A)
+    visible = inside.amax(dim=3)  # (B, Ncam, Lq)
+    reference_points = torch.stack([x.clamp(-1.0, 2.0), y.clamp(-1.0, 2.0)], dim=-1)  # (B, Ncam, Lq*A, 2)
+    reference_points = reference_points.view(batch, num_cams, num_query, num_anchors, 2)  # (B, Ncam, Lq, A, 2)
     return reference_points, visible
