@@ -97,7 +97,7 @@ def sensitive_operators(path: str, params: dict, cfg: CalibrateConfig, preset: s
             f"{path} ranks preset {report.get('preset')!r}, params select {preset!r}; re-run sensitivity"
         )
     k = int16_topk_for_params(params, report["num_operators"], cfg.int16_topk, cfg.int16_topk_preset)
-    return top_operators(report, k)
+    return top_operators(report, k, cfg.int16_exclude)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def _int16_from_report(path: str, params: dict, model_cfg) -> tuple[list[str], s
         return [], f"{path} ranks preset {report.get('preset')!r}: all activations 8-bit"
     cfg = load_section(params, "calibrate", CalibrateConfig)
     k = int16_topk_for_params(params, count_quantized_operators(model_cfg), cfg.int16_topk, cfg.int16_topk_preset)
-    return top_operators(report, k), f"int16 inputs for the top {k} of {path}"
+    return top_operators(report, k, cfg.int16_exclude), f"int16 inputs for the top {k} of {path}"
 
 
 if __name__ == "__main__":

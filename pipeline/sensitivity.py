@@ -31,7 +31,14 @@ from maptr.data.dataset import DatasetOptions, PackedMapDataset
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate, calibration_loader
 from maptr.quant.quantizer import QuantConfig, quantize_model
-from maptr.quant.sensitivity import OperatorSensitivity, int16_topk_for_params, rank_operators, sensitivity_report
+from maptr.quant.sensitivity import (
+    OperatorSensitivity,
+    excluded,
+    int16_topk_for_params,
+    rank_operators,
+    sensitivity_report,
+    top_operators,
+)
 from maptr.training.checkpoint import load_checkpoint
 from maptr.training.tracking import StageRun
 
@@ -71,12 +78,20 @@ def main() -> None:
     report = sensitivity_report(
         rows, preset=model_cfg.preset, num_operators=len(rows), int16_topk=k, seconds=round(seconds, 1),
         float_checkpoint=args.float_checkpoint, quant=quant_cfg.to_dict(), sensitivity=asdict(cfg),
+        int16_exclude=cal_cfg.int16_exclude,
     )  # fmt: skip
+    int16_ops = top_operators(report, k, cal_cfg.int16_exclude)
+    report["int16_operators"] = int16_ops
     write_text_atomic(args.out, json.dumps(report, indent=2))
-    bar_chart(rows, k, Path(args.plot), title=f"quantization sensitivity ({model_cfg.preset}, {len(rows)} operators)")
-    print(f"sensitivity: {len(rows)} operators ranked in {seconds:.0f} s; top {k} get int16 in calibrate:")
-    for row in rows[: max(k, 10)]:
-        print(f"  {row.rank:3d}. {row.name:<60} {row.kind:<8} NSR {row.activation_nsr:.2e}  {row.pts_error_m:.3f} m")
+    title = f"quantization sensitivity ({model_cfg.preset}, {len(rows)} operators)"
+    bar_chart(rows, set(int16_ops), cal_cfg.int16_exclude, Path(args.plot), title=title)
+    print(f"sensitivity: {len(rows)} operators ranked in {seconds:.0f} s; {k} get int16 in calibrate (*), "
+          f"none under {cal_cfg.int16_exclude} (calibrate.int16_exclude, x):")  # fmt: skip
+    last = max(rows.index(row) for row in rows if row.name in int16_ops) if int16_ops else 9
+    for row in rows[: max(last + 1, 10)]:
+        mark = "*" if row.name in int16_ops else "x" if excluded(row.name, cal_cfg.int16_exclude) else " "
+        print(f"{mark} {row.rank:3d}. {row.name:<60} {row.kind:<8} NSR {row.activation_nsr:.2e}  "
+              f"{row.pts_error_m:.3f} m")  # fmt: skip
 
     stage_params = {"sensitivity": asdict(cfg), "calibrate": asdict(cal_cfg), "model": {"preset": model_cfg.preset}}
     with StageRun("sensitivity", stage_params) as run:
@@ -86,8 +101,8 @@ def main() -> None:
         run.log_artifact(args.plot)
 
 
-def bar_chart(rows: list[OperatorSensitivity], k: int, path: Path, title: str) -> None:
-    """Horizontal bars (log scale) of the most sensitive operators; the int16 top-k in another colour."""
+def bar_chart(rows: list[OperatorSensitivity], int16_ops: set[str], exclude: list[str], path: Path, title: str) -> None:
+    """Horizontal bars (log scale) of the most sensitive operators; the int16 ones red, the excluded grey."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -96,7 +111,8 @@ def bar_chart(rows: list[OperatorSensitivity], k: int, path: Path, title: str) -
     shown = rows[:CHART_ROWS]
     fig, ax = plt.subplots(figsize=(10, 0.22 * len(shown) + 1.5))
     values = [max(row.activation_nsr, 1e-12) for row in shown]
-    colours = ["tab:red" if row.rank <= k else "tab:blue" for row in shown]
+    colours = ["tab:red" if row.name in int16_ops else "tab:gray" if excluded(row.name, exclude) else "tab:blue"
+               for row in shown]  # fmt: skip
     positions = range(len(shown))
     ax.barh(positions, values, color=colours)
     weights = [row.weight_nsr for row in shown]
@@ -108,7 +124,10 @@ def bar_chart(rows: list[OperatorSensitivity], k: int, path: Path, title: str) -
     ax.set_yticklabels([f"{row.name} ({row.kind})" for row in shown], fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("output noise-to-signal ratio with this operator's inputs quantized to 8 bits (red: int16)")
+    ax.set_xlabel(
+        "output noise-to-signal ratio with this operator's inputs quantized to 8 bits "
+        "(red: int16; grey: calibrate.int16_exclude)"
+    )
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     with atomic_file(path) as tmp:

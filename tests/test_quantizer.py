@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from maptr.config import ModelConfig
+from maptr.config import CalibrateConfig, ModelConfig, load_section
 from maptr.data.transforms import PIXEL_OFFSET, PIXEL_SCALE
 from maptr.deploy.onnx_export import example_inputs
 from maptr.models.maptr import MapTR, build_maptr
@@ -23,7 +23,7 @@ from maptr.quant.quantizer import (
     quantize_model,
     quantized_operators,
 )
-from maptr.quant.sensitivity import int16_topk, rank_operators, sensitivity_report, top_operators
+from maptr.quant.sensitivity import excluded, int16_topk, rank_operators, sensitivity_report, top_operators
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,6 +97,24 @@ def test_every_conv_linear_add_mul_matmul_is_quantized_and_the_float_set_stays_f
         else:
             assert op.weight_dtype is None
     assert len(ops) == count_quantized_operators(micro_cfg)  # the meta-device count agrees
+
+
+def test_int16_exclude_skips_the_image_side_and_keeps_k():
+    rows = [{"name": name, "rank": rank} for rank, name in enumerate(
+        ["encoder.layers.0.cross_attn.attention.location_add", "backbone.maxpool", "backbone.layer1.0.conv1",
+         "neck.lateral", "backbone_like.head", "head.cls_branches.1.0", "head.decoder.layers.0.residual_add1"],
+        start=1)]  # fmt: skip
+    report = {"operators": rows}
+    assert top_operators(report, 3) == [r["name"] for r in rows[:3]]  # no exclusion: the plain top-k
+    # backbone / neck and everything under them are skipped, k operators are still picked; a name that
+    # only starts with the same letters ("backbone_like") is not under "backbone".
+    assert top_operators(report, 3, ["backbone", "neck"]) == [
+        "encoder.layers.0.cross_attn.attention.location_add",
+        "backbone_like.head",
+        "head.cls_branches.1.0",
+    ]
+    assert excluded("backbone", ["backbone"]) and not excluded("backbone_like.head", ["backbone"])
+    assert load_section({"calibrate": {}}, "calibrate", CalibrateConfig).int16_exclude == ["backbone", "neck"]
 
 
 def test_int16_goes_to_the_top_of_the_ranking_and_nowhere_else(micro_cfg):

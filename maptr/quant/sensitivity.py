@@ -10,7 +10,8 @@ is the noise-to-signal ratio of the outputs,
 
 scale-free, so that scores and points count alike. The weights' damage (int8 weights alone) is measured
 too, for the report: it is not what int16 activations can repair. The operators at the top of the
-activation ranking are the ones that get int16 inputs (see :mod:`maptr.quant.quantizer`).
+activation ranking get int16 inputs (see :mod:`maptr.quant.quantizer`), except those under the
+``calibrate.int16_exclude`` prefixes: the image side by default, where ORT has no int16 convolution.
 
 Speed: an operator in the map head only needs the head to be re-run, one in the encoder the encoder and
 head; the float camera features and BEV features of every batch are computed once and reused.
@@ -215,7 +216,14 @@ def sensitivity_report(rows: list[OperatorSensitivity], **meta: Any) -> dict[str
             "operators": [asdict(row) for row in rows]}  # fmt: skip
 
 
-def top_operators(report: dict[str, Any], k: int) -> list[str]:
-    """Names of the ``k`` most sensitive operators of a report written by :func:`sensitivity_report`."""
+def excluded(name: str, prefixes: Iterable[str]) -> bool:
+    """Is module path ``name`` one of ``prefixes`` or inside one of them (``backbone`` covers ``backbone.conv1``)?"""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def top_operators(report: dict[str, Any], k: int, exclude: Iterable[str] = ()) -> list[str]:
+    """Names of the ``k`` most sensitive operators of a report written by :func:`sensitivity_report`,
+    skipping those under the module-path prefixes ``exclude`` (``calibrate.int16_exclude``)."""
+    prefixes = tuple(exclude)
     ranked = sorted(report["operators"], key=lambda row: row["rank"])
-    return [row["name"] for row in ranked[:k]]
+    return [row["name"] for row in ranked if not excluded(row["name"], prefixes)][:k]
