@@ -125,8 +125,8 @@ def bar_chart(rows: list[OperatorSensitivity], int16_ops: set[str], exclude: lis
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel(
-        "output noise-to-signal ratio with this operator's inputs quantized to 8 bits "
-        "(red: int16; grey: calibrate.int16_exclude)"
+        "output noise-to-signal ratio with this operator's inputs quantized to 8 bits\n"
+        "(red: int16 in calibrate; grey: never int16, calibrate.int16_exclude)"
     )
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
