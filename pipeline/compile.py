@@ -96,7 +96,8 @@ def main() -> None:
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check,
         compile_seconds=compile_seconds, constant_folding=compiled.fold.to_dict(),
-        relus_removed=compiled.relus_removed, float_weights_folded=compiled.float_weights_folded,
+        relus_removed=compiled.relus_removed, integer_biases=compiled.integer_biases,
+        float_weights_folded=compiled.float_weights_folded,
         deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))

@@ -66,7 +66,8 @@ def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp
     # No DequantizeLinear of a constant is left to run per frame (ORT fused it or the compile folded it).
     constants = {init.name for init in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
-    assert compiled.float_weights_folded > 0  # the micro model has linears ORT keeps float
+    assert compiled.float_weights_folded > 0  # the micro model has linears ORT keeps float (int16 inputs) ...
+    assert compiled.integer_biases > 0  # ... and uint8 ones read by float operators, given an int32 bias
     img, lidar2img = micro["inputs"]
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     assert max(outputs_match(micro["dir"] / "qdq.onnx", deployed, feeds).values()) == 0.0

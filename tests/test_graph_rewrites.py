@@ -1,5 +1,6 @@
-"""The ONNX rewrites of the compile stage, on hand-made graphs: constant folding of a Q/DQ graph and the
-removal of ReLUs that a uint8 QuantizeLinear makes redundant. Both must keep every output value."""
+"""The ONNX rewrites of the compile stage, on hand-made graphs: constant folding of a Q/DQ graph, the
+removal of ReLUs that a uint8 QuantizeLinear makes redundant (both must keep every output value), and
+the int32 biases that let ORT run a float-output linear as QGemm (within half a bias step)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from maptr.deploy.constant_folding import constant_nodes, fold_constants
+from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_compile import prepare_for_ort
 from maptr.deploy.redundant_relu import drop_relus_before_quantize
 
@@ -154,8 +156,8 @@ def test_relu_before_a_zero_point_0_uint8_quantize_is_dropped_and_the_linear_bec
     reference = _run(model, feeds)[0]
     assert (reference == 0).any() and (reference > 0).any()  # the ReLU did clip something
     np.testing.assert_array_equal(_run(dropped, feeds)[0], reference)
-    prepared, _, relus = prepare_for_ort(model)
-    assert relus == 1 and "QGemm" in _optimized_op_types(prepared, tmp_path)
+    prepared = prepare_for_ort(model)
+    assert prepared.relus_removed == 1 and "QGemm" in _optimized_op_types(prepared.model, tmp_path)
 
 
 @pytest.mark.parametrize("zero_point, second_reader", [(np.uint8(3), False), (np.uint8(0), True)])
@@ -175,3 +177,47 @@ def test_relu_that_changes_values_is_kept(zero_point, second_reader):
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])], outputs, init)
     kept, count = drop_relus_before_quantize(model)
     assert count == 0 and [node.op_type for node in kept.graph.node] == [node.op_type for node in model.graph.node]
+
+
+def _float_output_linear(activation_zero_point: np.ndarray) -> onnx.ModelProto:
+    """The linear of :func:`_qdq_linear_model` with its output left float (read by a float operator)."""
+    model = _qdq_linear_model(relu=False)
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] == "x_scale":
+            node.input[2] = "x_zp16" if activation_zero_point.dtype == np.int16 else "x_zp"
+    model.graph.initializer.append(numpy_helper.from_array(activation_zero_point, "x_zp16"))
+    model.graph.node.pop()  # the output DQ ...
+    model.graph.node.pop()  # ... and Q
+    model.graph.output[0].name = "lin"
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_a_float_output_linear_gets_an_int32_bias_and_runs_as_qgemm(tmp_path):
+    model = _float_output_linear(np.array(128, np.uint8))
+    assert "QGemm" not in _optimized_op_types(model, tmp_path)  # ORT alone keeps it float
+    rewritten, count = quantize_float_output_biases(model)
+    assert count == 1
+    onnx.checker.check_model(rewritten)
+    bias = {init.name: numpy_helper.to_array(init) for init in rewritten.graph.initializer}
+    quantized = next(value for name, value in bias.items() if name.endswith("_quantized"))
+    scale = next(value for name, value in bias.items() if name.endswith("_int32_bias_scale"))
+    np.testing.assert_allclose(scale, 0.05 * 0.02, rtol=1e-6)  # s_x * s_w per output channel
+    assert quantized.dtype == np.int32 and quantized.shape == (16,)
+    assert "QGemm" in _optimized_op_types(rewritten, tmp_path)
+    feeds = _feeds()
+    reference = _run(model, feeds)[0]
+    exact = _run(rewritten, feeds)[0]
+    integer = _run(rewritten, feeds, level="extended")[0]
+    half_step = 0.5 * 0.05 * 0.02
+    assert 0 < np.abs(exact - reference).max() <= half_step * (1 + 1e-3)  # only the bias rounding moved
+    np.testing.assert_allclose(integer, exact, atol=1e-5)  # the QGemm computes the rewritten graph
+
+
+def test_int16_linears_and_linears_without_bias_keep_their_float_bias():
+    model = _float_output_linear(np.array(0, np.int16))
+    assert quantize_float_output_biases(model)[1] == 0  # no integer kernel for int16 in ORT anyway
+    no_bias = _float_output_linear(np.array(128, np.uint8))
+    add = next(node for node in no_bias.graph.node if node.op_type == "Add" and "bias" in node.input)
+    add.op_type, add.input[1] = "Sub", "bias"  # not a bias add: nothing to quantize
+    assert quantize_float_output_biases(no_bias)[1] == 0

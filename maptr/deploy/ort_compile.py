@@ -4,13 +4,15 @@
 input-independent part of the graph is computed once (:func:`~maptr.deploy.constant_folding.fold_constants`:
 ORT folds it in a float model but not behind a DequantizeLinear). Then the ReLUs that the uint8
 quantization after them already performs are removed
-(:func:`~maptr.deploy.redundant_relu.drop_relus_before_quantize`: left in, they keep linears in float).
-Then ORT's own graph optimizer: at ``extended`` level it fuses every ``DequantizeLinear -> op ->
-QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul, ...),
-folds constants and fuses LayerNorm patterns; the result is written with
-``SessionOptions.optimized_model_filepath``. The weight DQs it left (in front of kernels that stay
-float) are folded into float initializers last: nothing reads their integer grid any more. That file
-is portable across x86 CPUs. Every session of the deployed model loads it at
+(:func:`~maptr.deploy.redundant_relu.drop_relus_before_quantize`: left in, they keep linears in float),
+and the linears whose output stays float get the int32 bias that ORT writes only for those followed by
+a ``QuantizeLinear`` (:func:`~maptr.deploy.integer_bias.quantize_float_output_biases`: without it they
+run as float Gemm on dequantized inputs). Then ORT's own graph optimizer: at ``extended`` level it
+fuses every ``DequantizeLinear -> op -> QuantizeLinear`` group it has an integer kernel for
+(QLinearConv, QGemm, QLinearAdd, QLinearMatMul, ...), folds constants and fuses LayerNorm patterns;
+the result is written with ``SessionOptions.optimized_model_filepath``. The weight DQs it left (in
+front of kernels that stay float) are folded into float initializers last: nothing reads their integer
+grid any more. That file is portable across x86 CPUs. Every session of the deployed model loads it at
 :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the layouts of the CPU it runs
 on (channels-last integer convolutions and max-pool), which it cannot save portably.
 
@@ -35,6 +37,7 @@ import onnx
 from maptr.atomic import atomic_file
 from maptr.deploy.checker import LEVELS, KernelInfo, kernel_class, run_onnx_runtime
 from maptr.deploy.constant_folding import FoldReport, fold_constants
+from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session, run_frame, session_options
 from maptr.deploy.redundant_relu import drop_relus_before_quantize
 
@@ -45,23 +48,31 @@ COMPILE_KEYS = ("latency_ms_p50", "latency_ms_p90", "size_mb", "ops")
 
 
 @dataclass
+class PreparedModel:
+    """A Q/DQ model after the rewrites that run before ORT's optimizer, and what each did."""
+
+    model: onnx.ModelProto
+    fold: FoldReport  # what the constant folding removed
+    relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
+    integer_biases: int  # float biases of uint8 linears with a float output, written as int32 DQs
+
+
+@dataclass
 class CompiledModel:
     path: Path  # the saved, optimized model
     fold: FoldReport  # what the constant folding removed
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
+    integer_biases: int  # float-output linears given an int32 bias, so that ORT runs them as QGemm
     float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
 
 
-def prepare_for_ort(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport, int]:
-    """The graph rewrites done before ORT's optimizer: constant folding, then redundant ReLUs removed.
-
-    Returns:
-        the rewritten model, the folding report and the number of ReLUs removed.
-    """
+def prepare_for_ort(model: onnx.ModelProto) -> PreparedModel:
+    """The graph rewrites done before ORT's optimizer: constant folding, redundant ReLUs, integer biases."""
     folded, report = fold_constants(model)
-    prepared, relus = drop_relus_before_quantize(folded)
+    without_relus, relus = drop_relus_before_quantize(folded)
+    prepared, biases = quantize_float_output_biases(without_relus)
     onnx.checker.check_model(prepared)
-    return prepared, report, relus
+    return PreparedModel(prepared, report, relus, biases)
 
 
 def _ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> None:
@@ -84,15 +95,15 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     target = Path(target)
-    prepared, report, relus = prepare_for_ort(onnx.load(str(source)))
+    prepared = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
-        _ort_optimize(prepared, tmp, level)
+        _ort_optimize(prepared.model, tmp, level)
         # A weight DQ that ORT could not fuse feeds a float kernel (a linear whose output stays float):
         # left in, it dequantizes the same weight on every frame and the kernel cannot pre-pack it.
         optimized, leftover = fold_constants(onnx.load(str(tmp)), keep_dequantize=False)
         onnx.save(optimized, str(tmp))
         onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
-    return CompiledModel(target, report, relus, leftover.folded_nodes)
+    return CompiledModel(target, prepared.fold, prepared.relus_removed, prepared.integer_biases, leftover.folded_nodes)
 
 
 def _max_differences(a: ort.InferenceSession, b: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -117,7 +128,7 @@ def outputs_match(
       ``disabled``): folding must not change a value. At other levels the folded weights are pre-packed,
       which reorders float sums, and a rounding difference can move a value across a quantization step.
     """
-    prepared, _, _ = prepare_for_ort(onnx.load(str(reference)))
+    prepared = prepare_for_ort(onnx.load(str(reference))).model
     with tempfile.TemporaryDirectory() as tmp:
         prepared_path, unfolded_path = Path(tmp) / "prepared.onnx", Path(tmp) / "unfolded.onnx"
         onnx.save(prepared, str(prepared_path))
@@ -265,6 +276,8 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"{fold['nodes_before']} nodes depend on no input and were computed once ({fold['new_initializers']} "
             f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions). "
             f"ReLUs made redundant by the uint8 quantization after them, removed: {report.get('relus_removed', 0)}. "
+            f"Linears with a float output given an int32 bias (so that ORT runs them as QGemm): "
+            f"{report.get('integer_biases', 0)}. "
             f"Weight DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",

@@ -1,0 +1,129 @@
+"""Integer biases for the quantized linears whose output stays float, so ONNX Runtime runs them as QGemm.
+
+A quantized linear reaches ORT as ``DQ(x uint8) -> MatMul(DQ(W int8)) -> Add(float bias)``. ORT turns
+it into an integer ``QGemm`` only when every input of the fused ``Gemm`` is dequantized, bias included,
+and ORT's own bias quantization (``WeightBiasQuantization``) runs only where the linear's output goes
+to a ``QuantizeLinear``. A linear whose output is read by a float operator (the deformable attention's
+sampling offsets, attention-weight logits and value projection, whose readers are a division, a softmax
+and a grid sampling; the spatial cross-attention's output projection, read by a scatter-add) therefore
+ran as a float ``Gemm`` on dequantized inputs: on nano, 9 of the 25 uint8 linears.
+
+:func:`quantize_float_output_biases` writes the bias those linears are missing: ``round(b / (s_x * s_w))``
+in int32 with scale ``s_x * s_w`` (per output channel), the grid of the int32 accumulator, computed in
+float32 as ORT computes it for the other linears. ORT then fuses the group into a ``QGemm`` with a float
+output: the same uint8 x int8 -> int32 product as the fake-quant model, plus a bias rounded by at most
+``s_x * s_w / 2`` (on nano ~1e-4 of an output whose own input grid step is ~100x larger).
+
+Linears with int16 inputs are left alone: ORT has no integer kernel for them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_INT32_MAX = np.float32(2**31 - 1)
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {name: node for node in graph.node for name in node.output}
+
+
+def _constant(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+
+def _weight_dequantize(
+    node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]
+) -> tuple[onnx.NodeProto, bool] | None:
+    """The weight's DQ feeding a MatMul's second input, and whether a Transpose sits between them."""
+    transposed = node is not None and node.op_type == "Transpose"
+    if transposed:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    return node, transposed
+
+
+def _bias_scale(
+    matmul: onnx.NodeProto,
+    producers: dict[str, onnx.NodeProto],
+    initializers: dict[str, onnx.TensorProto],
+    channels: int,
+) -> np.ndarray | None:
+    """``s_x * s_w`` per output channel (float32, length ``channels``) of a uint8 x int8 MatMul, or None."""
+    x_dq = producers.get(matmul.input[0])
+    weight = _weight_dequantize(producers.get(matmul.input[1]), producers)
+    if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None:
+        return None
+    w_dq, transposed = weight
+    x_scale, w_scale = _constant(x_dq.input[1], initializers), _constant(w_dq.input[1], initializers)
+    x_int, w_int = _constant(x_dq.input[0], initializers), _constant(w_dq.input[0], initializers)
+    x_zero = _constant(x_dq.input[2], initializers) if len(x_dq.input) > 2 else None
+    if x_scale is None or w_scale is None or w_int is None or x_int is not None or x_zero is None:
+        return None  # run-time weight, or an activation that is not a run-time tensor
+    if x_zero.dtype != np.uint8 or w_int.dtype != np.int8 or x_scale.size != 1 or w_int.ndim != 2:
+        return None  # int16 activations: no integer kernel in ORT
+    # The output channels are axis 0 of the (C_out, C_in) weight the exporter transposes, else axis 1.
+    channel_axis = 0 if transposed else 1
+    if w_scale.size != 1:
+        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        if axis % 2 != channel_axis or w_scale.size != channels:
+            return None
+    if w_int.shape[channel_axis] != channels:
+        return None
+    return np.broadcast_to(
+        x_scale.reshape(()).astype(np.float32) * w_scale.astype(np.float32).reshape(-1), (channels,)
+    ).copy()
+
+
+def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` where each uint8 linear's float bias is an int32 DQ (see the module doc).
+
+    Only ``MatMul + Add`` pairs with a 1-D constant bias, a uint8 per-tensor activation DQ and an int8
+    weight DQ (per tensor or per output channel) are changed, and only where the rounded bias fits int32.
+
+    Returns:
+        the new model and the number of biases quantized.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = _producers(graph)
+    new_initializers: list[onnx.TensorProto] = []
+    bias_nodes: dict[int, onnx.NodeProto] = {}  # index of the Add -> the bias DQ that goes before it
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Add":
+            continue
+        for matmul_slot in (0, 1):
+            matmul = producers.get(node.input[matmul_slot])
+            bias = _constant(node.input[1 - matmul_slot], initializers)
+            if matmul is None or matmul.op_type != "MatMul" or bias is None or bias.ndim != 1:
+                continue
+            scale = _bias_scale(matmul, producers, initializers, bias.shape[0])
+            if scale is None or not np.all(scale > 0):
+                continue
+            steps = np.round(bias.astype(np.float32) / scale)
+            if np.abs(steps).max(initial=0) >= _INT32_MAX:
+                continue
+            base = f"{node.name or node.output[0]}_int32_bias"
+            new_initializers += [
+                numpy_helper.from_array(steps.astype(np.int32), f"{base}_quantized"),
+                numpy_helper.from_array(scale, f"{base}_scale"),
+            ]
+            bias_nodes[index] = helper.make_node(
+                "DequantizeLinear", [f"{base}_quantized", f"{base}_scale"], [base], name=base, axis=0
+            )
+            node.input[1 - matmul_slot] = base
+            break
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if index in bias_nodes:
+            nodes.append(bias_nodes[index])
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_initializers)
+    return out, len(bias_nodes)
