@@ -89,6 +89,14 @@ def test_every_conv_linear_add_mul_matmul_is_quantized_and_the_float_set_stays_f
     assert "encoder.layers.0.cross_attn.attention.weight_product" in names
     assert "head.decoder.layers.0.cross_attn.location_add" in names
     assert "head.reference_points" not in names and not any(n.startswith("pv_seg_head") for n in names)
+    # ... but not the bilinear samples they weight (FLOAT_INPUTS): only the weights carry a fake-quant
+    for name in (
+        "encoder.layers.0.cross_attn.attention.weight_product",
+        "head.decoder.layers.0.cross_attn.weight_product",
+    ):
+        product = model.get_submodule(name)
+        assert isinstance(product.input_quants[0], nn.Identity) and isinstance(product.input_quants[1], FakeQuantize)
+        assert next(op for op in ops if op.name == name).input_quants == [product.input_quants[1]]
     for op in ops:
         assert op.activation_dtype == "uint8" and all(q.dtype == "uint8" for q in op.input_quants)
         if op.kind in ("Conv2d", "Linear"):

@@ -16,7 +16,8 @@ Quantized operators (the units of the sensitivity ranking, named by module path)
 - the :mod:`maptr.models.tensor_ops` modules: residual and positional adds, the FPN merge, the
   camera-embedding add, ``q @ k^T`` and ``probabilities @ v`` (:class:`MatMul`), the deformable
   attention's ``reference points + sampling offsets`` (``location_add``: both inputs, the ones with a
-  wide range) and ``samples x attention weights`` (``weight_product``: the softmaxed attention weights);
+  wide range) and ``samples x attention weights`` (``weight_product``: the softmaxed attention weights
+  only, see :data:`FLOAT_INPUTS`);
 - the residual adds inside the ResNet blocks and the stem's max-pool (so that the stem conv ends in Q).
 
 Two tensors get a grid that is known rather than estimated. The camera images (the input of
@@ -31,7 +32,7 @@ no BatchNorm, and QAT then trains the folded weights.
 
 The operators whose inputs get int16 are named in :class:`QuantConfig` (``int16_ops``), which the
 calibrate stage fills from the top of the sensitivity ranking; nothing here lists them by hand. What
-stays float, and why, is :data:`FLOAT_MODULES` plus :data:`FLOAT_OPERATIONS`.
+stays float, and why, is :data:`FLOAT_MODULES`, :data:`FLOAT_OPERATIONS` and :data:`FLOAT_INPUTS`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ FLOAT_OPERATIONS: dict[str, str] = {
     "constants at inference (constant-folded at export); they are quantized where they enter an operator",
     "reshape / transpose / slicing / nearest upsampling / ReLU": "move or select values without changing "
     "them: a quantized tensor stays on its grid",
+}
+
+# Inputs of quantized operators that stay float: (operator name suffix, input index) -> why.
+FLOAT_INPUTS: dict[tuple[str, int], str] = {
+    ("weight_product", 0): "the bilinear samples are computed in float by grid_sample, and the product and "
+    "the sum over points run in float in ONNX Runtime (no integer kernel reads them; the sum is quantized "
+    "as the output projection's input). Quantizing them put a Q/DQ pair on the largest activation of the "
+    "model (heads x channels x visible pairs x points: 0.9 M values per frame on nano, ~0.5 ms at 2 threads)",
 }
 
 IMAGE_INPUT_OP = "backbone.conv1"  # the first operator on the camera images: its input is the pixel grid
@@ -178,22 +187,28 @@ def _weight_wrapper(module: nn.Module, input_quant: FakeQuantize, reduce_range: 
 
 
 class QuantizedOp(nn.Module):
-    """A parameter-free operator (Add, Mul, MatMul, MaxPool2d) with a fake-quant on each input.
+    """A parameter-free operator (Add, Mul, MatMul, MaxPool2d) with a fake-quant on its inputs.
 
     Args:
         op: the float operator module.
-        input_quants: one FakeQuantize per positional input of ``op``.
+        input_quants: one entry per positional input of ``op``: its FakeQuantize, or None for an input
+            that stays float (:data:`FLOAT_INPUTS`; at least one input is quantized).
     """
 
-    def __init__(self, op: nn.Module, input_quants: list[FakeQuantize]) -> None:
+    def __init__(self, op: nn.Module, input_quants: list[FakeQuantize | None]) -> None:
         super().__init__()
-        if not input_quants:
+        if not any(isinstance(quant, FakeQuantize) for quant in input_quants):
             raise ValueError("a quantized operator needs at least one input fake-quant")
         self.op = op
-        self.input_quants = nn.ModuleList(input_quants)
+        # nn.Identity keeps the ModuleList indices (and state-dict keys) aligned with the op's inputs.
+        self.input_quants = nn.ModuleList(nn.Identity() if quant is None else quant for quant in input_quants)
+
+    def fake_quants(self) -> list[FakeQuantize]:
+        """The input fake-quants, float inputs skipped."""
+        return [quant for quant in self.input_quants if isinstance(quant, FakeQuantize)]
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        """Same shapes as ``op``: each input is fake-quantized, then ``op`` runs in float."""
+        """Same shapes as ``op``: each quantized input is fake-quantized, then ``op`` runs in float."""
         if len(inputs) != len(self.input_quants):
             raise ValueError(f"{type(self.op).__name__} takes {len(self.input_quants)} inputs, got {len(inputs)}")
         return self.op(*(quant(x) for quant, x in zip(self.input_quants, inputs, strict=True)))
@@ -270,6 +285,10 @@ def _is_float_module(name: str) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in FLOAT_MODULES)
 
 
+def _is_float_input(name: str, index: int) -> bool:
+    return any((name == suffix or name.endswith("." + suffix)) and index == i for suffix, i in FLOAT_INPUTS)
+
+
 def _quantizable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of every module to wrap, in registration order."""
     for name, module in model.named_modules():
@@ -310,7 +329,10 @@ def quantize_model(model: MapTR, config: QuantConfig) -> MapTR:
             wrapped: nn.Module = _weight_wrapper(module, input_quant, config.weight_reduce_range)
         else:
             num_inputs = 1 if isinstance(module, nn.MaxPool2d) else 2
-            wrapped = QuantizedOp(module, [config.activation_quant(dtype) for _ in range(num_inputs)])
+            quants = [
+                None if _is_float_input(name, index) else config.activation_quant(dtype) for index in range(num_inputs)
+            ]
+            wrapped = QuantizedOp(module, quants)
         _set_submodule(model, name, wrapped)
     _tie_max_pool_grid(model)
     return model
@@ -348,7 +370,7 @@ class OperatorInfo:
     kind: str  # Conv2d, Linear, Add, Mul, MatMul, MaxPool2d
     activation_dtype: str  # dtype of its inputs: uint8 or int16
     weight_dtype: str | None  # int8 for convs / linears, None for parameter-free operators
-    input_quants: list[FakeQuantize] = field(repr=False)
+    input_quants: list[FakeQuantize] = field(repr=False)  # float inputs (FLOAT_INPUTS) not listed
     weight_quant: WeightFakeQuantize | None = field(default=None, repr=False)
 
 
@@ -369,7 +391,7 @@ def quantized_operators(model: nn.Module) -> list[OperatorInfo]:
                 )
             )
         elif isinstance(module, QuantizedOp):
-            quants = list(module.input_quants)
+            quants = module.fake_quants()
             ops.append(OperatorInfo(name, type(module.op).__name__, quants[0].dtype, None, quants))
     return ops
 
