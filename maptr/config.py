@@ -126,9 +126,9 @@ class CompileConfig:
     optimization_level: str = "extended"  # saved into the model: basic | extended | all (all is CPU-specific)
     threads: int = 2  # ORT intra-op threads of the latency measurement (and of the deployed model)
     thread_sweep: list[int] = field(default_factory=lambda: [1])  # also timed at these counts (report table)
-    warmup: int = 10  # untimed runs of each fresh session before its timed runs
-    runs: int = 50  # timed runs of each model, spread over the rounds
-    rounds: int = 5  # alternating rounds, float then deployed, one ORT session alive at a time
+    warmup: int = 5  # untimed runs of each fresh session before its timed runs
+    runs: int = 100  # timed runs of each model, spread over the rounds
+    rounds: int = 25  # alternating rounds (order alternating too), one ORT session alive at a time
     profile_runs: int = 5  # profiled runs (per-operator times of the op table)
 
 

@@ -90,7 +90,9 @@ def main() -> None:
     by_threads = {cfg.threads: latency}
     for threads in sorted(set(cfg.thread_sweep) - {cfg.threads}):
         by_threads[threads] = alternating_latency(models, feeds, threads, cfg.warmup, cfg.runs, cfg.rounds)
-    report["by_threads"] = {str(threads): latency_summary(times) for threads, times in sorted(by_threads.items())}
+    report["by_threads"] = {
+        str(threads): latency_summary(times, cfg.rounds) for threads, times in sorted(by_threads.items())
+    }
     report.update(
         deployed_model=args.out, float_model=args.float_model, optimization_level=cfg.optimization_level,
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,

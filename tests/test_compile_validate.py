@@ -100,7 +100,8 @@ def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch
     assert sweep["2"]["deployed_over_float"] == pytest.approx(
         sweep["2"]["deployed_ms_p50"] / sweep["2"]["float_ms_p50"]
     )
-    assert "| intra-op threads |" in text
+    assert sweep["2"]["round_ratio_p25"] <= sweep["2"]["round_ratio_p50"] <= sweep["2"]["round_ratio_p75"]
+    assert "| threads |" in text and "per-round ratio" in text
 
 
 def test_output_agreement_on_a_hand_made_case():
@@ -194,7 +195,13 @@ def test_latency_rounds_keep_one_session_alive_and_time_every_run(monkeypatch):
     def fake_run(session, img, lidar2img):
         peak.append(len(alive))
 
-    monkeypatch.setattr(ort_compile, "create_session", lambda path, threads, level: FakeSession(str(path)))
+    opened = []
+
+    def fake_session(path, threads, level):
+        opened.append(str(path))
+        return FakeSession(str(path))
+
+    monkeypatch.setattr(ort_compile, "create_session", fake_session)
     monkeypatch.setattr(ort_compile, "run_frame", fake_run)
     models = {"float": ("f.onnx", "all"), "deployed": ("d.onnx", "disabled")}
     feeds = {"img": np.zeros(1), "lidar2img": np.zeros(1)}
@@ -202,5 +209,18 @@ def test_latency_rounds_keep_one_session_alive_and_time_every_run(monkeypatch):
     assert {name: len(ms) for name, ms in times.items()} == {"float": 7, "deployed": 7}
     assert max(peak) == 1 and not alive  # never two sessions at once, none left open
     assert len(peak) == 2 * (7 + 3 * 2)  # every timed run plus 2 warm-up runs per session and round
+    assert opened == ["f.onnx", "d.onnx", "d.onnx", "f.onnx", "f.onnx", "d.onnx"]  # the order alternates
+    assert ort_compile.round_shares(7, 3) == [3, 2, 2] and ort_compile.round_shares(2, 5) == [1, 1]
     with pytest.raises(ValueError, match="rounds"):
         ort_compile.alternating_latency(models, feeds, threads=2, warmup=0, runs=3, rounds=0)
+
+
+def test_latency_summary_gives_the_ratio_of_medians_and_its_spread_between_rounds():
+    from maptr.deploy.ort_compile import latency_summary
+
+    times = {"float": np.array([10.0, 10.0, 20.0, 20.0]), "deployed": np.array([5.0, 5.0, 16.0, 16.0])}
+    summary = latency_summary(times, rounds=2)  # rounds of [10, 10] vs [5, 5] and [20, 20] vs [16, 16]
+    assert summary["float_ms_p50"] == 15.0 and summary["deployed_ms_p50"] == 10.5
+    assert summary["deployed_over_float"] == pytest.approx(0.7)
+    assert (summary["round_ratio_p25"], summary["round_ratio_p50"], summary["round_ratio_p75"]) == pytest.approx(
+        (0.575, 0.65, 0.725))  # fmt: skip

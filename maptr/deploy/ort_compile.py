@@ -141,6 +141,12 @@ def outputs_match(
     return {name: float(value) for name, value in zip(("scores", "pts"), worst, strict=True)}
 
 
+def round_shares(runs: int, rounds: int) -> list[int]:
+    """How :func:`alternating_latency` splits ``runs`` timed runs over ``rounds`` rounds (earlier rounds +1)."""
+    rounds = min(rounds, runs)
+    return [runs // rounds + (1 if index < runs % rounds else 0) for index in range(rounds)]
+
+
 def alternating_latency(
     models: dict[str, tuple[str | Path, str]],
     feeds: dict[str, np.ndarray],
@@ -152,24 +158,25 @@ def alternating_latency(
     """Wall-clock milliseconds of ``runs`` runs of each model, in ``rounds`` alternating rounds.
 
     Each round gives every model a fresh session of its own, ``warmup`` untimed runs, then its share of
-    the timed runs, and closes it before the next model's. One session alive at a time matters: after a
-    run, ORT's intra-op worker threads spin-wait for more work, so a second live session's pool takes
-    cores from the one being timed (on 2 cores that inflated both models' p50 by ~40 ms, 45 -> 84 ms, and
-    hid their difference). Alternating rounds still let a load change on the machine hit every model.
+    the timed runs (:func:`round_shares`), and closes it before the next model's. One session alive at a
+    time matters: after a run, ORT's intra-op worker threads spin-wait for more work, so a second live
+    session's pool takes cores from the one being timed (on 2 cores that inflated both models' p50 by ~40
+    ms, 45 -> 84 ms, and hid their difference). Many short rounds let the models see the same machine
+    conditions (a shared VM's speed drifts by tens of percent within a minute), and the order within a
+    round alternates so that neither model always runs right after a session start.
 
     Args:
         models: name -> (path, load-time optimization level).
         feeds: one frame's inputs (img, lidar2img).
     Returns:
-        name -> (runs,) milliseconds.
+        name -> (runs,) milliseconds, round by round.
     """
     if runs < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"runs and rounds must be >= 1 and warmup >= 0, got {runs}, {rounds}, {warmup}")
-    rounds = min(rounds, runs)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for round_index in range(rounds):
-        share = runs // rounds + (1 if round_index < runs % rounds else 0)
-        for name, (path, level) in models.items():
+    for round_index, share in enumerate(round_shares(runs, rounds)):
+        order = list(models.items())
+        for name, (path, level) in order if round_index % 2 == 0 else reversed(order):
             session = create_session(path, threads, level)
             for _ in range(warmup):
                 run_frame(session, feeds["img"], feeds["lidar2img"])
@@ -229,10 +236,27 @@ def model_figures(latency_ms: np.ndarray, path: str | Path, table: OpTable) -> d
     }
 
 
-def latency_summary(times: dict[str, np.ndarray]) -> dict[str, float]:
-    """p50 of the float and deployed models from :func:`alternating_latency`'s times, and their ratio."""
+def latency_summary(times: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
+    """p50 of the float and deployed models from :func:`alternating_latency`'s times, and their ratio.
+
+    Also the spread of the ratio between rounds (deployed median / float median of each round, its
+    quartiles): how much the machine's drift moves the figure.
+    """
     float_p50, deployed_p50 = (float(np.percentile(times[name], 50)) for name in ("float", "deployed"))
-    return {"float_ms_p50": float_p50, "deployed_ms_p50": deployed_p50, "deployed_over_float": deployed_p50 / float_p50}
+    bounds = np.cumsum([0, *round_shares(len(times["float"]), rounds)])
+    per_round = [
+        np.median(times["deployed"][start:stop]) / np.median(times["float"][start:stop])
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    q25, q50, q75 = (float(np.percentile(per_round, q)) for q in (25, 50, 75))
+    return {
+        "float_ms_p50": float_p50,
+        "deployed_ms_p50": deployed_p50,
+        "deployed_over_float": deployed_p50 / float_p50,
+        "round_ratio_p25": q25,
+        "round_ratio_p50": q50,
+        "round_ratio_p75": q75,
+    }
 
 
 def compile_markdown(report: dict, top: int = 12) -> str:
@@ -264,11 +288,20 @@ def compile_markdown(report: dict, top: int = 12) -> str:
     ]
     sweep = report.get("by_threads")
     if sweep:
-        lines += ["| intra-op threads | float p50 (ms) | deployed p50 (ms) | deployed / float |", "|---|---|---|---|"]
+        lines += [
+            "| threads | float p50 (ms) | deployed p50 (ms) | deployed / float | per-round ratio, p25 - p75 |",
+            "|---|---|---|---|---|",
+        ]
         for threads, row in sweep.items():
+            spread = f"{row['round_ratio_p25']:.2f} - {row['round_ratio_p75']:.2f}" if "round_ratio_p25" in row else "-"
             lines.append(f"| {threads} | {row['float_ms_p50']:.1f} | {row['deployed_ms_p50']:.1f} | "
-                         f"{row['deployed_over_float']:.2f} |")  # fmt: skip
-        lines.append("")
+                         f"{row['deployed_over_float']:.2f} | {spread} |")  # fmt: skip
+        lines += [
+            "",
+            "Per-round ratio: the deployed median over the float median of each alternating round; its quartiles "
+            "show how far the machine's drift moves the ratio between rounds a few seconds apart.",
+            "",
+        ]
     fold = report.get("constant_folding")
     if fold:
         lines += [
