@@ -101,12 +101,22 @@ def main() -> None:
         [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4)],
         TensorProto.FLOAT, [numpy_helper.from_array(w.astype(np.float32), "w")],
     )  # fmt: skip
-    float_ms, _ = _time(conv, {"x": xf}, args.threads, args.runs)
+    float_ms, float_out = _time(conv, {"x": xf}, args.threads, args.runs)
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    float_s2d = _model(
+        [helper.make_node("Pad", ["x", "pads", "zero"], ["padded"]),
+         helper.make_node("SpaceToDepth", ["padded"], ["blocks"], blocksize=2),
+         helper.make_node("Conv", ["blocks", "w"], ["y"], kernel_shape=[4, 4])],
+        TensorProto.FLOAT, [pads, zero, numpy_helper.from_array(np.ascontiguousarray(w4).astype(np.float32), "w")],
+    )  # fmt: skip
+    float_s2d_ms, float_s2d_out = _time(float_s2d, {"x": xf}, args.threads, args.runs)
+    np.testing.assert_allclose(float_s2d_out, float_out, rtol=1e-4, atol=1e-2)
 
     print(f"stem 7x7/2, 3 -> {OUT_CHANNELS} channels, input {SHAPE}, {args.threads} thread(s), median of {args.runs}:")
     print(f"  uint8 QLinearConv       {direct_ms:6.3f} ms  ({float_ms / direct_ms:.2f}x float)")
     print(f"  space-to-depth uint8    {s2d_ms:6.3f} ms  ({float_ms / s2d_ms:.2f}x float; outputs identical)")
     print(f"  float Conv              {float_ms:6.3f} ms")
+    print(f"  space-to-depth float    {float_s2d_ms:6.3f} ms")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp
     assert not [n.name for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
     assert compiled.float_weights_folded > 0  # the micro model has linears ORT keeps float (int16 inputs) ...
     assert compiled.integer_biases > 0  # ... and uint8 ones read by float operators, given an int32 bias
+    assert compiled.space_to_depth_convs == 1  # the stem, on the 3 colour channels
     img, lidar2img = micro["inputs"]
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     assert max(outputs_match(micro["dir"] / "qdq.onnx", deployed, feeds).values()) == 0.0
@@ -101,7 +102,8 @@ def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch
         sweep["2"]["deployed_ms_p50"] / sweep["2"]["float_ms_p50"]
     )
     assert sweep["2"]["round_ratio_p25"] <= sweep["2"]["round_ratio_p50"] <= sweep["2"]["round_ratio_p75"]
-    assert "| threads |" in text and "per-round ratio" in text
+    assert "| threads |" in text and "per-round ratio" in text and "paired by round" in text
+    assert doc["deployed_over_float_paired"] == sweep["1"]["round_ratio_p50"]  # compile.threads is 1 here
 
 
 def test_output_agreement_on_a_hand_made_case():

@@ -1,6 +1,7 @@
 """The ONNX rewrites of the compile stage, on hand-made graphs: constant folding of a Q/DQ graph, the
 removal of ReLUs that a uint8 QuantizeLinear makes redundant (both must keep every output value), and
-the int32 biases that let ORT run a float-output linear as QGemm (within half a bias step)."""
+the int32 biases that let ORT run a float-output linear as QGemm (within half a bias step), and the stem
+convolution over 2x2 blocks (bit-identical integer outputs)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from maptr.deploy.constant_folding import constant_nodes, fold_constants
 from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_compile import prepare_for_ort
 from maptr.deploy.redundant_relu import drop_relus_before_quantize
+from maptr.deploy.stem_space_to_depth import space_to_depth_stem, space_to_depth_weight
 
 OPSET = 21
 
@@ -221,3 +224,76 @@ def test_int16_linears_and_linears_without_bias_keep_their_float_bias():
     add = next(node for node in no_bias.graph.node if node.op_type == "Add" and "bias" in node.input)
     add.op_type, add.input[1] = "Sub", "bias"  # not a bias add: nothing to quantize
     assert quantize_float_output_biases(no_bias)[1] == 0
+
+
+def _qdq_stem_model(height: int, width: int, kernel: int = 7) -> onnx.ModelProto:
+    """x (2, 3, H, W) -> uint8 Q/DQ (zero point 128) -> Conv kernel x kernel / 2 with a per-channel int8
+    weight and a bias -> uint8 Q/DQ -> y: ResNet's stem as the exporter writes it."""
+    rng = np.random.default_rng(0)
+    init = {
+        "w_q": rng.integers(-60, 60, size=(8, 3, kernel, kernel)).astype(np.int8),
+        "w_scale": rng.uniform(0.01, 0.03, 8).astype(np.float32), "w_zp": np.zeros(8, np.int8),
+        "bias": rng.normal(size=8).astype(np.float32),
+        "x_scale": np.array(1 / 128, np.float32), "x_zp": np.array(128, np.uint8),
+        "y_scale": np.array(0.05, np.float32), "y_zp": np.array(128, np.uint8),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_u8"]),
+        helper.make_node("DequantizeLinear", ["x_u8", "x_scale", "x_zp"], ["x_f"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_f"], axis=0),
+        helper.make_node(
+            "Conv",
+            ["x_f", "w_f", "bias"],
+            ["conv"],
+            kernel_shape=[kernel, kernel],
+            strides=[2, 2],
+            pads=[kernel // 2] * 4,
+        ),  # fmt: skip
+        helper.make_node("QuantizeLinear", ["conv", "y_scale", "y_zp"], ["y_u8"]),
+        helper.make_node("DequantizeLinear", ["y_u8", "y_scale", "y_zp"], ["y"]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, height, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, (height + 1) // 2, (width + 1) // 2])],
+        init,
+    )
+
+
+@pytest.mark.parametrize("height, width", [(16, 24), (15, 21)])  # even and odd padded sizes
+def test_stem_convolution_over_2x2_blocks_gives_identical_integer_outputs(height, width, tmp_path):
+    model = _qdq_stem_model(height, width)
+    rewritten, count = space_to_depth_stem(model)
+    assert count == 1
+    onnx.checker.check_model(rewritten)
+    conv = next(node for node in rewritten.graph.node if node.op_type == "Conv")
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[4, 4]]
+    assert {"Pad", "SpaceToDepth"} <= {node.op_type for node in rewritten.graph.node}
+    assert "w_q" not in {init.name for init in rewritten.graph.initializer}  # the 7x7 weight is gone
+    assert "QLinearConv" in _optimized_op_types(rewritten, tmp_path)
+    feeds = {"x": np.random.default_rng(2).uniform(-1, 1, (2, 3, height, width)).astype(np.float32)}
+    reference = _run(model, feeds, level="extended")[0]
+    assert reference.shape == (2, 8, (height + 1) // 2, (width + 1) // 2)
+    np.testing.assert_array_equal(_run(rewritten, feeds, level="extended")[0], reference)  # same int32 sums
+    # as written (float convolutions), only the order of the float sums differs
+    np.testing.assert_allclose(_run(rewritten, feeds)[0], _run(model, feeds)[0], atol=0.05 + 1e-6)
+
+
+def test_space_to_depth_weight_matches_the_strided_convolution():
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(2, 3, 7, 7)).astype(np.float32)
+    x = rng.normal(size=(1, 3, 10, 12)).astype(np.float32)
+    direct = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), stride=2, padding=3)
+    padded = torch.nn.functional.pad(torch.from_numpy(x), (3, 3, 3, 3))  # (1, 3, 16, 18)
+    blocks = padded.reshape(1, 3, 8, 2, 9, 2).permute(0, 3, 5, 1, 2, 4).reshape(1, 12, 8, 9)  # DCR order
+    rewritten = torch.nn.functional.conv2d(blocks, torch.from_numpy(space_to_depth_weight(weight)))
+    torch.testing.assert_close(rewritten, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_stride_1_convolutions_are_not_rewritten():
+    model = _qdq_stem_model(16, 24, kernel=3)
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    for attr in conv.attribute:
+        if attr.name == "strides":
+            attr.ints[:] = [1, 1]
+    assert space_to_depth_stem(model)[1] == 0
