@@ -12,6 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from maptr.deploy import constant_folding
 from maptr.deploy.constant_folding import constant_nodes, fold_constants
 from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_compile import prepare_for_ort
@@ -35,7 +36,9 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = "dis
     options.graph_optimization_level = {
         "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
+    options.log_severity_level = 3
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
@@ -111,27 +114,61 @@ def test_folding_keeps_the_values_and_the_weight_chain_for_the_integer_kernel(tm
     assert "QGemm" in _optimized_op_types(folded, tmp_path)
 
 
-def test_after_ort_a_leftover_weight_dequantize_is_folded_into_a_float_weight(tmp_path):
-    # The linear's output is not quantized, so ORT keeps it float and the weight's DQ runs per frame.
-    model = _qdq_linear_model(relu=False)
-    model.graph.node.pop()  # the output DQ ...
-    model.graph.node.pop()  # ... and Q: the linear's output stays float
-    model.graph.output[0].name = "lin"
+def _ort_extended(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-    ops = [node.op_type for node in optimized.graph.node]
-    assert "QGemm" not in ops and "DequantizeLinear" in ops
+    return onnx.load(str(tmp_path / "optimized.onnx"))
 
-    kept, _ = fold_constants(optimized)  # before ORT's optimizer the weight DQ must stay ...
-    assert sum(node.op_type == "DequantizeLinear" for node in kept.graph.node) == 2
+
+def test_after_ort_a_constant_dequantize_read_by_a_float_kernel_is_folded(tmp_path):
+    # A constant uint8 tensor (a learned query, folded) dequantized into a float Mul: per frame for nothing.
+    init = {"c_q": np.arange(6, dtype=np.uint8), "c_scale": np.array(0.5, np.float32), "c_zp": np.array(2, np.uint8)}
+    model = _model(
+        [helper.make_node("DequantizeLinear", ["c_q", "c_scale", "c_zp"], ["c"]),
+         helper.make_node("Mul", ["x", "c"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])],
+        init,
+    )  # fmt: skip
+    optimized = _ort_extended(model, tmp_path)
+    assert "DequantizeLinear" in [node.op_type for node in optimized.graph.node]
+    assert len(fold_constants(optimized)[0].graph.node) == 2  # before ORT's optimizer the DQ must stay ...
     folded, report = fold_constants(optimized, keep_dequantize=False)  # ... after it, nothing fuses it any more
+    assert [node.op_type for node in folded.graph.node] == ["Mul"] and report.folded_nodes == 1
+    feeds = {"x": np.arange(6, dtype=np.float32)}
+    np.testing.assert_array_equal(_run(folded, feeds)[0], _run(optimized, feeds)[0])
+
+
+def test_after_ort_a_float_gemm_keeps_its_weight_dequantize_so_that_loading_does_not_requantize_it(
+    tmp_path, monkeypatch
+):
+    """An int16-input linear stays a float Gemm. Loaded at ORT's default level, ORT's WeightBiasQuantization
+    re-quantizes a float weight of such a Gemm per tensor: a folded per-channel weight would change value."""
+    model = _qdq_linear_model(relu=False)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int16), "x_zp16"))
+    for node in model.graph.node:
+        if node.input[1:2] == ["x_scale"]:
+            node.input[2] = "x_zp16"
+    optimized = _ort_extended(model, tmp_path)
+    assert "Gemm" in [node.op_type for node in optimized.graph.node]
+    folded, _ = fold_constants(optimized, keep_dequantize=False)
+    int8_initializers = {init.name for init in folded.graph.initializer if init.data_type == TensorProto.INT8}
     weight_dq = [node for node in folded.graph.node
-                 if node.op_type == "DequantizeLinear" and node.input[0] == "w_q"]  # fmt: skip
-    assert not weight_dq and report.folded_nodes >= 1
-    np.testing.assert_array_equal(_run(folded, _feeds())[0], _run(optimized, _feeds())[0])
+                 if node.op_type == "DequantizeLinear" and node.input[0] in int8_initializers]  # fmt: skip
+    assert len(weight_dq) == 1  # the int8 per-channel weight is still read through its DQ
+    feeds = _feeds()
+    np.testing.assert_array_equal(_run(folded, feeds, level="all")[0], _run(optimized, feeds, level="all")[0])
+    # The hazard the rule avoids: with the weight and bias DQs folded too (the rule switched off), the file
+    # computes the same as written, but loaded at `all` ORT re-quantizes the float weight per tensor.
+    monkeypatch.setattr(constant_folding, "_WEIGHT_REQUANTIZED_AT_LOAD", set())
+    naive, _ = fold_constants(optimized, keep_dequantize=False)
+    assert not [
+        node for node in naive.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in int8_initializers
+    ]
+    np.testing.assert_allclose(_run(naive, feeds)[0], _run(optimized, feeds)[0], atol=1e-6)
+    assert np.abs(_run(naive, feeds, level="all")[0] - _run(optimized, feeds, level="all")[0]).max() > 0
 
 
 def test_folding_a_graph_output_that_is_constant():

@@ -33,6 +33,11 @@ _NONDETERMINISTIC = {
 # Ops that only rearrange a tensor: between a constant DQ and its run-time reader, ORT's Q/DQ optimizers
 # see through them (they move a weight's Transpose into the integer initializer).
 _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+# Kernels whose weight / bias DQ stays even in an ORT-optimized graph: ORT's WeightBiasQuantization
+# transformer runs again whenever the file is loaded at `extended` or `all`, and it re-quantizes a float
+# weight of these ops per tensor to int8 when their input comes from a DequantizeLinear (a linear with
+# int16 inputs, which stays float). A folded per-channel weight would thus change value at load time.
+_WEIGHT_REQUANTIZED_AT_LOAD = {"Gemm", "Conv", "ConvTranspose"}
 
 
 @dataclass
@@ -96,7 +101,9 @@ def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tupl
         model: an ONNX model (float or Q/DQ), nodes in topological order, no external data.
         keep_dequantize: keep a constant DQ (and its layout chain) read by a run-time node, so that ORT
             can still fuse it into an integer kernel. ``False`` folds it too: for a graph ORT has already
-            optimized, where a DQ left in place feeds a float kernel and would only run on every frame.
+            optimized, where a DQ left in place feeds a float kernel and would only run on every frame;
+            except the weight / bias DQs of the kernels ORT re-quantizes at load time
+            (:data:`_WEIGHT_REQUANTIZED_AT_LOAD`).
     Returns:
         the folded model (same inputs, outputs and opsets; ``onnx.checker`` clean) and a :class:`FoldReport`.
     """
@@ -116,7 +123,11 @@ def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tupl
         if not flags[index]:
             continue
         if node.op_type == "DequantizeLinear":
-            dq_rooted[index] = keep_dequantize
+            dq_rooted[index] = keep_dequantize or any(
+                graph.node[i].op_type in _WEIGHT_REQUANTIZED_AT_LOAD and list(graph.node[i].input).index(name) >= 1
+                for name in node.output
+                for i in consumers.get(name, [])
+            )
         elif node.op_type in _LAYOUT_OPS and node.input and node.input[0] in producer:
             dq_rooted[index] = dq_rooted[producer[node.input[0]]]
 

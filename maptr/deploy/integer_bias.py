@@ -52,12 +52,17 @@ def _bias_scale(
     initializers: dict[str, onnx.TensorProto],
     channels: int,
 ) -> np.ndarray | None:
-    """``s_x * s_w`` per output channel (float32, length ``channels``) of a uint8 x int8 MatMul, or None."""
+    """``s_x * s_w`` per output channel (float32, length ``channels``) of a uint8 x int8 MatMul or Gemm."""
     x_dq = producers.get(matmul.input[0])
     weight = _weight_dequantize(producers.get(matmul.input[1]), producers)
     if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None:
         return None
     w_dq, transposed = weight
+    if matmul.op_type == "Gemm":
+        attributes = {a.name: helper.get_attribute_value(a) for a in matmul.attribute}
+        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 or attributes.get("transA", 0):
+            return None
+        transposed = transposed != bool(attributes.get("transB", 0))
     x_scale, w_scale = _constant(x_dq.input[1], initializers), _constant(w_dq.input[1], initializers)
     x_int, w_int = _constant(x_dq.input[0], initializers), _constant(w_dq.input[0], initializers)
     x_zero = _constant(x_dq.input[2], initializers) if len(x_dq.input) > 2 else None
@@ -78,11 +83,33 @@ def _bias_scale(
     ).copy()
 
 
+def _bias_input(
+    node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]
+) -> tuple[onnx.NodeProto, int] | None:
+    """(the linear's MatMul or Gemm, index of ``node``'s input holding the 1-D float bias), or None.
+
+    A linear is exported as ``MatMul`` + ``Add(bias)`` (3-D inputs) or as one ``Gemm`` (2-D inputs).
+    """
+    if node.op_type == "Gemm" and len(node.input) == 3:
+        slots = [(node, 2)]
+    elif node.op_type == "Add":
+        slots = [(producers.get(node.input[0]), 1), (producers.get(node.input[1]), 0)]
+        slots = [(linear, slot) for linear, slot in slots if linear is not None and linear.op_type == "MatMul"]
+    else:
+        return None
+    for linear, slot in slots:
+        bias = _constant(node.input[slot], initializers)
+        if bias is not None and bias.ndim == 1 and bias.dtype == np.float32:
+            return linear, slot
+    return None
+
+
 def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` where each uint8 linear's float bias is an int32 DQ (see the module doc).
 
-    Only ``MatMul + Add`` pairs with a 1-D constant bias, a uint8 per-tensor activation DQ and an int8
-    weight DQ (per tensor or per output channel) are changed, and only where the rounded bias fits int32.
+    Only ``MatMul + Add`` pairs and ``Gemm`` nodes (alpha = beta = 1, A not transposed) with a 1-D
+    constant bias, a uint8 per-tensor activation DQ and an int8 weight DQ (per tensor or per output
+    channel) are changed, and only where the rounded bias fits int32.
 
     Returns:
         the new model and the number of biases quantized.
@@ -93,31 +120,28 @@ def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     initializers = {init.name: init for init in graph.initializer}
     producers = _producers(graph)
     new_initializers: list[onnx.TensorProto] = []
-    bias_nodes: dict[int, onnx.NodeProto] = {}  # index of the Add -> the bias DQ that goes before it
+    bias_nodes: dict[int, onnx.NodeProto] = {}  # index of the Add / Gemm -> the bias DQ that goes before it
     for index, node in enumerate(graph.node):
-        if node.op_type != "Add":
+        target = _bias_input(node, producers, initializers)
+        if target is None:
             continue
-        for matmul_slot in (0, 1):
-            matmul = producers.get(node.input[matmul_slot])
-            bias = _constant(node.input[1 - matmul_slot], initializers)
-            if matmul is None or matmul.op_type != "MatMul" or bias is None or bias.ndim != 1:
-                continue
-            scale = _bias_scale(matmul, producers, initializers, bias.shape[0])
-            if scale is None or not np.all(scale > 0):
-                continue
-            steps = np.round(bias.astype(np.float32) / scale)
-            if np.abs(steps).max(initial=0) >= _INT32_MAX:
-                continue
-            base = f"{node.name or node.output[0]}_int32_bias"
-            new_initializers += [
-                numpy_helper.from_array(steps.astype(np.int32), f"{base}_quantized"),
-                numpy_helper.from_array(scale, f"{base}_scale"),
-            ]
-            bias_nodes[index] = helper.make_node(
-                "DequantizeLinear", [f"{base}_quantized", f"{base}_scale"], [base], name=base, axis=0
-            )
-            node.input[1 - matmul_slot] = base
-            break
+        linear, slot = target
+        bias = _constant(node.input[slot], initializers)
+        scale = _bias_scale(linear, producers, initializers, bias.shape[0])
+        if scale is None or not np.all(scale > 0):
+            continue
+        steps = np.round(bias.astype(np.float32) / scale)
+        if np.abs(steps).max(initial=0) >= _INT32_MAX:
+            continue
+        base = f"{node.name or node.output[0]}_int32_bias"
+        new_initializers += [
+            numpy_helper.from_array(steps.astype(np.int32), f"{base}_quantized"),
+            numpy_helper.from_array(scale, f"{base}_scale"),
+        ]
+        bias_nodes[index] = helper.make_node(
+            "DequantizeLinear", [f"{base}_quantized", f"{base}_scale"], [base], name=base, axis=0
+        )
+        node.input[slot] = base
     nodes = []
     for index, node in enumerate(graph.node):
         if index in bias_nodes:
