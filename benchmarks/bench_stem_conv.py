@@ -12,7 +12,10 @@ in the 3x3 convolutions on 64 channels. The script times three single-node graph
 - ``QLinearConv`` 7x7/2 on uint8 (zero point 128, the image grid) with int8 per-channel weights;
 - the same as space-to-depth: pad 3, ``SpaceToDepth`` 2 (12 channels), ``QLinearConv`` 4x4/1 with the
   kernel zero-padded to 8x8 and rearranged; it gives bit-identical outputs (checked);
-- the float ``Conv`` 7x7/2.
+- the float ``Conv`` 7x7/2, and the same space-to-depth rewrite in float (compile applies it to the
+  integer model only: in float it is slower).
+
+The compile stage rewrites the deployed model's stem this way (``maptr/deploy/stem_space_to_depth.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from maptr.deploy.stem_space_to_depth import space_to_depth_weight
 
 SHAPE = (6, 3, 64, 192)  # nano: 6 cameras, 192x64
 OUT_CHANNELS = 64
@@ -82,15 +87,13 @@ def main() -> None:
 
     # Space-to-depth: out[y, x] = sum_{ky, kx} w[ky, kx] * padded[2y + ky, 2x + kx] with ky = 2a + b, so the
     # 7x7/2 kernel (zero-padded to 8x8) is a 4x4/1 kernel over the 2x2 blocks (DCR channel order).
-    w8 = np.zeros((OUT_CHANNELS, 3, 8, 8), np.int8)
-    w8[:, :, :7, :7] = w
-    w4 = w8.reshape(OUT_CHANNELS, 3, 4, 2, 4, 2).transpose(0, 3, 5, 1, 2, 4).reshape(OUT_CHANNELS, 12, 4, 4)
+    w4 = space_to_depth_weight(w)  # (64, 12, 4, 4), compile's rearrangement
     pads = numpy_helper.from_array(np.array([0, 0, 3, 3, 0, 0, 3, 3], np.int64), "pads")
     s2d = _model(
         [helper.make_node("Pad", ["x", "pads", "x_zero"], ["padded"]),  # pads with the zero point: real 0
          helper.make_node("SpaceToDepth", ["padded"], ["blocks"], blocksize=2),
          helper.make_node("QLinearConv", ["blocks", *qargs], ["y"], kernel_shape=[4, 4])],
-        TensorProto.UINT8, [*quant, pads, numpy_helper.from_array(np.ascontiguousarray(w4), "w")],
+        TensorProto.UINT8, [*quant, pads, numpy_helper.from_array(w4, "w")],
     )  # fmt: skip
     s2d_ms, s2d_out = _time(s2d, {"x": x}, args.threads, args.runs)
     if not np.array_equal(direct_out, s2d_out):
@@ -107,7 +110,7 @@ def main() -> None:
         [helper.make_node("Pad", ["x", "pads", "zero"], ["padded"]),
          helper.make_node("SpaceToDepth", ["padded"], ["blocks"], blocksize=2),
          helper.make_node("Conv", ["blocks", "w"], ["y"], kernel_shape=[4, 4])],
-        TensorProto.FLOAT, [pads, zero, numpy_helper.from_array(np.ascontiguousarray(w4).astype(np.float32), "w")],
+        TensorProto.FLOAT, [pads, zero, numpy_helper.from_array(w4.astype(np.float32), "w")],
     )  # fmt: skip
     float_s2d_ms, float_s2d_out = _time(float_s2d, {"x": xf}, args.threads, args.runs)
     np.testing.assert_allclose(float_s2d_out, float_out, rtol=1e-4, atol=1e-2)
