@@ -6,7 +6,7 @@ and ORT's own bias quantization (``WeightBiasQuantization``) runs only where the
 to a ``QuantizeLinear``. A linear whose output is read by a float operator (the deformable attention's
 sampling offsets, attention-weight logits and value projection, whose readers are a division, a softmax
 and a grid sampling; the spatial cross-attention's output projection, read by a scatter-add) therefore
-ran as a float ``Gemm`` on dequantized inputs: on nano, 9 of the 25 uint8 linears.
+ran as a float ``Gemm`` on dequantized inputs: on nano, 10 of the 26 uint8 linears.
 
 :func:`quantize_float_output_biases` writes the bias those linears are missing: ``round(b / (s_x * s_w))``
 in int32 with scale ``s_x * s_w`` (per output channel), the grid of the int32 accumulator, computed in
@@ -37,7 +37,7 @@ def _constant(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarra
 def _weight_dequantize(
     node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]
 ) -> tuple[onnx.NodeProto, bool] | None:
-    """The weight's DQ feeding a MatMul's second input, and whether a Transpose sits between them."""
+    """The weight's DQ feeding a MatMul's or Gemm's second input, and whether a Transpose sits between them."""
     transposed = node is not None and node.op_type == "Transpose"
     if transposed:
         node = producers.get(node.input[0])

@@ -7,9 +7,10 @@
    behind a DequantizeLinear);
 2. the ReLUs that the uint8 quantization after them already performs are removed
    (:func:`~maptr.deploy.redundant_relu.drop_relus_before_quantize`: left in, they keep linears in float);
-3. the linears whose output stays float get the int32 bias that ORT writes only for those followed by
-   a ``QuantizeLinear`` (:func:`~maptr.deploy.integer_bias.quantize_float_output_biases`: without it
-   they run as float Gemm on dequantized inputs);
+3. every uint8 linear gets its int32 bias written here
+   (:func:`~maptr.deploy.integer_bias.quantize_float_output_biases`): ORT writes it only for those
+   followed by a ``QuantizeLinear``, so the ones whose output stays float ran as float Gemm on
+   dequantized inputs;
 4. the stem convolution is rewritten over 2x2 blocks
    (:func:`~maptr.deploy.stem_space_to_depth.space_to_depth_stem`: 12 input channels instead of 3 reach
    ORT's fast integer convolution kernel; bit-identical outputs);
@@ -17,8 +18,10 @@
    QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul,
    ...), folds constants and fuses LayerNorm patterns; the result is written with
    ``SessionOptions.optimized_model_filepath``;
-6. the weight DQs ORT left (in front of kernels that stay float) are folded into float initializers:
-   nothing reads their integer grid any more.
+6. the constant DQs ORT left in front of kernels that stay float are folded into float initializers
+   (nothing reads their integer grid any more), except the weight and bias DQs of a float ``Gemm`` or
+   ``Conv``, which ORT would re-quantize per tensor when loading the file
+   (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`).
 
 That file is portable across x86 CPUs. Every session of the deployed model loads it at
 :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the layouts of the CPU it runs
@@ -63,7 +66,7 @@ class PreparedModel:
     model: onnx.ModelProto
     fold: FoldReport  # what the constant folding removed
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
-    integer_biases: int  # float biases of uint8 linears with a float output, written as int32 DQs
+    integer_biases: int  # float biases of uint8 linears written as int32 DQs
     space_to_depth_convs: int  # stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks
 
 
@@ -72,7 +75,7 @@ class CompiledModel:
     path: Path  # the saved, optimized model
     fold: FoldReport  # what the constant folding removed
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
-    integer_biases: int  # float-output linears given an int32 bias, so that ORT runs them as QGemm
+    integer_biases: int  # uint8 linears given an int32 bias, so that the float-output ones run as QGemm too
     space_to_depth_convs: int  # the stem convolution as a 12-channel block convolution (exact)
     float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
 
@@ -111,8 +114,8 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
     prepared = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
         _ort_optimize(prepared.model, tmp, level)
-        # A weight DQ that ORT could not fuse feeds a float kernel (a linear whose output stays float):
-        # left in, it dequantizes the same weight on every frame and the kernel cannot pre-pack it.
+        # A constant DQ that ORT could not fuse feeds a float kernel: left in, it dequantizes the same
+        # tensor on every frame. Float Gemm / Conv weights keep theirs (see fold_constants).
         optimized, leftover = fold_constants(onnx.load(str(tmp)), keep_dequantize=False)
         onnx.save(optimized, str(tmp))
         onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
@@ -346,11 +349,12 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"{fold['nodes_before']} nodes depend on no input and were computed once ({fold['new_initializers']} "
             f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions). "
             f"ReLUs made redundant by the uint8 quantization after them, removed: {report.get('relus_removed', 0)}. "
-            f"Linears with a float output given an int32 bias (so that ORT runs them as QGemm): "
+            f"uint8 linears given an int32 bias before ORT's optimizer (so that those with a float output "
+            f"run as QGemm too): "
             f"{report.get('integer_biases', 0)}. "
             f"Stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks (space-to-depth, exact): "
             f"{report.get('space_to_depth_convs', 0)}. "
-            f"Weight DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
+            f"Constant DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]
