@@ -43,7 +43,10 @@ from maptr.deploy.ort_compile import (
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session
 from maptr.training.tracking import StageRun
 
-SAVED_MODEL_TOLERANCE = 1e-5  # the saved file runs the same kernels as the in-memory optimization
+# The saved file runs the in-memory optimization's arithmetic; its float-output linears add the bias after
+# the scale (maptr.deploy.qgemm_kernels): float rounding, ~1e-6 on nano's outputs. A re-quantized weight
+# moved the scores by 1e-2.
+SAVED_MODEL_TOLERANCE = 1e-4
 
 
 def frame_inputs(path: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -101,7 +104,7 @@ def main() -> None:
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check,
         compile_seconds=compile_seconds, constant_folding=compiled.fold.to_dict(),
         relus_removed=compiled.relus_removed, integer_biases=compiled.integer_biases,
-        space_to_depth_convs=compiled.space_to_depth_convs,
+        space_to_depth_convs=compiled.space_to_depth_convs, qgemm_rewrites=asdict(compiled.qgemm_rewrites),
         float_weights_folded=compiled.float_weights_folded,
         deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip

@@ -75,7 +75,12 @@ def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp
     assert compiled.space_to_depth_convs == 1  # the stem, on the 3 colour channels
     img, lidar2img = micro["inputs"]
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
-    assert max(outputs_match(micro["dir"] / "qdq.onnx", deployed, feeds).values()) == 0.0
+    # ORT's QGemm nodes moved to the kernels that add the bias after the GEMM: exact for the uint8 outputs,
+    # float rounding for the float ones
+    kernels = {(node.op_type, node.domain) for node in graph.node}
+    assert ("QGemm", "com.microsoft") not in kernels and ("QLinearConv", "com.microsoft") in kernels
+    assert compiled.qgemm_rewrites.to_channels_last_conv > 0 and compiled.qgemm_rewrites.to_matmul_integer_to_float > 0
+    assert max(outputs_match(micro["dir"] / "qdq.onnx", deployed, feeds).values()) < 1e-5
     assert not list(tmp_path.glob("*.tmp-*"))
 
 

@@ -18,7 +18,11 @@
    QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul,
    ...), folds constants and fuses LayerNorm patterns; the result is written with
    ``SessionOptions.optimized_model_filepath``;
-6. the constant DQs ORT left in front of kernels that stay float are folded into float initializers
+6. ORT's fused integer linears (``QGemm``) move to kernels that add the bias after the integer GEMM
+   (:func:`~maptr.deploy.qgemm_kernels.move_qgemm_to_faster_kernels`): a channels-last 1x1
+   ``QLinearConv`` where the output is uint8 (bit-identical), ``MatMulIntegerToFloat`` with a float bias
+   where it is float (float rounding); QGemm's accumulate-mode bias kept it from using a second thread;
+7. the constant DQs ORT left in front of kernels that stay float are folded into float initializers
    (nothing reads their integer grid any more), except the weight and bias DQs of a float ``Gemm`` or
    ``Conv``, which ORT would re-quantize per tensor when loading the file
    (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`).
@@ -50,6 +54,7 @@ from maptr.deploy.checker import LEVELS, KernelInfo, kernel_class, run_onnx_runt
 from maptr.deploy.constant_folding import FoldReport, fold_constants
 from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session, run_frame, session_options
+from maptr.deploy.qgemm_kernels import QGemmRewrites, move_qgemm_to_faster_kernels
 from maptr.deploy.redundant_relu import drop_relus_before_quantize
 from maptr.deploy.stem_space_to_depth import space_to_depth_stem
 
@@ -77,6 +82,7 @@ class CompiledModel:
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
     integer_biases: int  # uint8 linears given an int32 bias, so that the float-output ones run as QGemm too
     space_to_depth_convs: int  # the stem convolution as a 12-channel block convolution (exact)
+    qgemm_rewrites: QGemmRewrites  # ORT's QGemm nodes moved to kernels that add the bias after the GEMM
     float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
 
 
@@ -114,14 +120,15 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
     prepared = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
         _ort_optimize(prepared.model, tmp, level)
+        rewritten, qgemms = move_qgemm_to_faster_kernels(onnx.load(str(tmp)))
         # A constant DQ that ORT could not fuse feeds a float kernel: left in, it dequantizes the same
         # tensor on every frame. Float Gemm / Conv weights keep theirs (see fold_constants).
-        optimized, leftover = fold_constants(onnx.load(str(tmp)), keep_dequantize=False)
+        optimized, leftover = fold_constants(rewritten, keep_dequantize=False)
         onnx.save(optimized, str(tmp))
         onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
     return CompiledModel(
         target, prepared.fold, prepared.relus_removed, prepared.integer_biases, prepared.space_to_depth_convs,
-        leftover.folded_nodes,
+        qgemms, leftover.folded_nodes,
     )  # fmt: skip
 
 
@@ -137,14 +144,15 @@ def outputs_match(
 ) -> dict[str, float]:
     """Max |difference| per output between ``reference`` compiled in memory and the saved ``deployed`` file.
 
-    Three comparisons, each of ORT's kernels for the same graph, so anything above float rounding means the
-    saved file is not the model that was compiled:
+    Three comparisons, each of ORT's kernels for the same arithmetic, so anything above float rounding
+    means the saved file is not the model that was compiled (the float-output linears add their bias after
+    the scale in the saved file, :mod:`~maptr.deploy.qgemm_kernels`: ~1e-7 relative):
 
     - :func:`prepare_for_ort` of the Q/DQ model optimized in one go at
       :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` vs the same optimized at the compile ``level``, saved and
       loaded as every deployed session loads it;
-    - that saved graph vs the deployed file (its leftover weight DQs folded), both run as written (level
-      ``disabled``): folding must not change a value;
+    - that saved graph vs the deployed file (its QGemm nodes on other kernels, its leftover weight DQs
+      folded), both run as written (level ``disabled``): neither may change more than float rounding;
     - the one-go optimization vs the deployed file loaded at ``DEPLOYED_LEVEL``: what a user who loads the
       file with ORT's defaults runs. This one caught ORT re-quantizing folded float weights at load time
       (see :data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`).
@@ -343,6 +351,7 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             "",
         ]
     fold = report.get("constant_folding")
+    qgemm = report.get("qgemm_rewrites", {})
     if fold:
         lines += [
             f"Constant folding before ORT's optimizer: {fold['folded_nodes']} of the Q/DQ graph's "
@@ -354,6 +363,9 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"{report.get('integer_biases', 0)}. "
             f"Stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks (space-to-depth, exact): "
             f"{report.get('space_to_depth_convs', 0)}. "
+            f"ORT's QGemm nodes moved to kernels that add the bias after the integer GEMM: "
+            f"{qgemm.get('to_channels_last_conv', 0)} to a channels-last 1x1 QLinearConv (uint8 output, exact), "
+            f"{qgemm.get('to_matmul_integer_to_float', 0)} to MatMulIntegerToFloat (float output). "
             f"Constant DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
