@@ -21,6 +21,7 @@ import json
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -78,7 +79,9 @@ def main() -> None:
     feeds = frame_inputs(args.qdq)
     check = outputs_match(args.qdq, args.out, feeds, cfg.optimization_level)
     if max(check.values()) > SAVED_MODEL_TOLERANCE:
-        raise RuntimeError(f"{args.out} does not reproduce the optimized model's outputs: max diff {check}")
+        Path(args.out).unlink()  # nothing that looks like a finished deployable model stays behind
+        raise RuntimeError(f"{args.out} did not reproduce the optimized model's outputs (max diff {check}) "
+                           "and was removed; see maptr.deploy.ort_compile.outputs_match")  # fmt: skip
     compile_seconds = time.perf_counter() - start
 
     models = {"float": (args.float_model, "all"), "deployed": (args.out, DEPLOYED_LEVEL)}

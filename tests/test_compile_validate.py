@@ -115,6 +115,18 @@ def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch
     assert doc["deployed_over_float_paired"] == sweep["1"]["round_ratio_p50"]  # compile.threads is 1 here
 
 
+def test_compile_removes_a_saved_model_that_does_not_reproduce_the_outputs(micro, tmp_path, monkeypatch):
+    import maptr.deploy.ort_compile as ort_compile
+
+    monkeypatch.setattr(ort_compile, "outputs_match", lambda *args, **kwargs: {"scores": 0.01, "pts": 0.0})
+    d, out = micro["dir"], tmp_path / "deploy.onnx"
+    with pytest.raises(RuntimeError, match="did not reproduce"):
+        _run_stage("compile.py", monkeypatch, tmp_path, "--params", str(micro["params"]), "--qdq", str(d / "qdq.onnx"),
+                   "--float", str(d / "float.onnx"), "--out", str(out), "--report", str(tmp_path / "compile.json"),
+                   "--table", str(tmp_path / "compile.md"))  # fmt: skip
+    assert not out.exists() and not (tmp_path / "compile.json").exists()
+
+
 def test_output_agreement_on_a_hand_made_case():
     ref_scores = np.zeros((2, 4, 3))
     ref_scores[:, :, 0] = [0.9, 0.8, 0.1, 0.05]  # queries 0, 1 are the top-2, best class 0
