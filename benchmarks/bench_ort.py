@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from maptr.config import load_model_config, load_params
+from maptr.deploy.compile_report import alternating_latency, latency_summary
 from maptr.deploy.onnx_export import check_onnx_file, example_inputs, export_onnx
-from maptr.deploy.ort_compile import alternating_latency, latency_summary
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate

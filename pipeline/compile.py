@@ -31,16 +31,15 @@ from maptr import cli
 from maptr.atomic import write_text_atomic
 from maptr.config import CompileConfig, ParamsError, load_params, load_section
 from maptr.deploy.checker import LEVELS
-from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_images
-from maptr.deploy.ort_compile import (
+from maptr.deploy.compile_report import (
     alternating_latency,
     compile_markdown,
     latency_summary,
     model_figures,
-    optimize_and_save,
-    outputs_match,
     profile_ops,
 )
+from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_images
+from maptr.deploy.ort_compile import optimize_and_save, outputs_match
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session
 from maptr.training.tracking import StageRun
 

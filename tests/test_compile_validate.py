@@ -14,8 +14,9 @@ import torch
 from conftest import write_micro_params
 
 from maptr.config import load_model_config, load_params
+from maptr.deploy.compile_report import COMPILE_KEYS, op_table
 from maptr.deploy.onnx_export import example_inputs, export_onnx
-from maptr.deploy.ort_compile import COMPILE_KEYS, op_table, optimize_and_save, outputs_match
+from maptr.deploy.ort_compile import optimize_and_save, outputs_match
 from maptr.deploy.ort_runner import SAVED, OrtPredictor, create_session, output_agreement, scores_to_logits
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate
@@ -205,7 +206,7 @@ def test_op_table_classifies_kernels():
 
 def test_latency_rounds_keep_one_session_alive_and_time_every_run(monkeypatch):
     """Idle ORT worker threads spin-wait: a second live session would steal the timed one's cores."""
-    from maptr.deploy import ort_compile
+    from maptr.deploy import compile_report
 
     alive: list[str] = []
     peak = []
@@ -227,22 +228,22 @@ def test_latency_rounds_keep_one_session_alive_and_time_every_run(monkeypatch):
         opened.append(str(path))
         return FakeSession(str(path))
 
-    monkeypatch.setattr(ort_compile, "create_session", fake_session)
-    monkeypatch.setattr(ort_compile, "run_frame", fake_run)
+    monkeypatch.setattr(compile_report, "create_session", fake_session)
+    monkeypatch.setattr(compile_report, "run_frame", fake_run)
     models = {"float": ("f.onnx", "all"), "deployed": ("d.onnx", "disabled")}
     feeds = {"img": np.zeros(1), "lidar2img": np.zeros(1)}
-    times = ort_compile.alternating_latency(models, feeds, threads=2, warmup=2, runs=7, rounds=3)
+    times = compile_report.alternating_latency(models, feeds, threads=2, warmup=2, runs=7, rounds=3)
     assert {name: len(ms) for name, ms in times.items()} == {"float": 7, "deployed": 7}
     assert max(peak) == 1 and not alive  # never two sessions at once, none left open
     assert len(peak) == 2 * (7 + 3 * 2)  # every timed run plus 2 warm-up runs per session and round
     assert opened == ["f.onnx", "d.onnx", "d.onnx", "f.onnx", "f.onnx", "d.onnx"]  # the order alternates
-    assert ort_compile.round_shares(7, 3) == [3, 2, 2] and ort_compile.round_shares(2, 5) == [1, 1]
+    assert compile_report.round_shares(7, 3) == [3, 2, 2] and compile_report.round_shares(2, 5) == [1, 1]
     with pytest.raises(ValueError, match="rounds"):
-        ort_compile.alternating_latency(models, feeds, threads=2, warmup=0, runs=3, rounds=0)
+        compile_report.alternating_latency(models, feeds, threads=2, warmup=0, runs=3, rounds=0)
 
 
 def test_latency_summary_gives_the_ratio_of_medians_and_its_spread_between_rounds():
-    from maptr.deploy.ort_compile import latency_summary
+    from maptr.deploy.compile_report import latency_summary
 
     times = {"float": np.array([10.0, 10.0, 20.0, 20.0]), "deployed": np.array([5.0, 5.0, 16.0, 16.0])}
     summary = latency_summary(times, rounds=2)  # rounds of [10, 10] vs [5, 5] and [20, 20] vs [16, 16]
