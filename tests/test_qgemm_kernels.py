@@ -13,7 +13,7 @@ from maptr.deploy.qgemm_kernels import move_qgemm_to_faster_kernels
 M, K, N = 37, 24, 12  # odd row count: the channels-last reshape must not assume a multiple of anything
 
 
-def _qgemm_model(alpha: float = 1.0, equal_weight_zero_points: bool = True) -> onnx.ModelProto:
+def _qgemm_model(alpha: float = 1.0, equal_weight_zero_points: bool = True, bias_size: int = N) -> onnx.ModelProto:
     """x (M, K) uint8 -> four QGemm: uint8 out + bias, uint8 out without bias, float out + bias with a
     transposed (N, K) weight, float out without bias; per-channel int8 weights, as ORT's fusion writes them."""
     rng = np.random.default_rng(0)
@@ -22,7 +22,7 @@ def _qgemm_model(alpha: float = 1.0, equal_weight_zero_points: bool = True) -> o
     init = {
         "x_scale": np.array(0.03, np.float32), "x_zero": np.array(121, np.uint8),
         "w": weight, "w_t": np.ascontiguousarray(weight.T), "w_scale": rng.uniform(0.005, 0.02, N).astype(np.float32),
-        "w_zero": zero, "bias": rng.integers(-5000, 5000, N).astype(np.int32),
+        "w_zero": zero, "bias": rng.integers(-5000, 5000, bias_size).astype(np.int32),
         "y_scale": np.array(0.4, np.float32), "y_zero": np.array(128, np.uint8),
     }  # fmt: skip
     common = ["x", "x_scale", "x_zero"]
@@ -88,3 +88,7 @@ def test_ineligible_qgemm_nodes_stay():
         rewritten, report = move_qgemm_to_faster_kernels(model)
         assert (report.to_channels_last_conv, report.to_matmul_integer_to_float) == (0, 0)
         assert [node.op_type for node in rewritten.graph.node] == ["QGemm"] * 4
+    # a bias broadcast from one value: QLinearConv takes one per output channel, so the biased nodes stay
+    rewritten, report = move_qgemm_to_faster_kernels(_qgemm_model(bias_size=1))
+    assert (report.to_channels_last_conv, report.to_matmul_integer_to_float) == (1, 1)  # the two without bias
+    assert [node.op_type for node in rewritten.graph.node].count("QGemm") == 2

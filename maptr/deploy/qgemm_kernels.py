@@ -153,7 +153,7 @@ def move_qgemm_to_faster_kernels(model: onnx.ModelProto) -> tuple[onnx.ModelProt
         base = f"{node.name or node.output[0]}_rewritten"
         if _input(node, _Y_SCALE):
             bias = _per_channel(node, initializers, _C) if _input(node, _C) else None
-            if _input(node, _C) and (bias is None or bias.ndim != 1):
+            if _input(node, _C) and (bias is None or bias.shape != (weight.shape[1],)):  # QLinearConv: (N,)
                 nodes.append(node)
                 continue
             added, inits = _conv_nodes(node, weight, base)
