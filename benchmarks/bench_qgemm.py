@@ -74,15 +74,20 @@ def _model(rows: int, k: int, n: int, kind: str) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _compiled(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` as the compile stage saves it: ORT's ``extended`` optimizations, then the QGemm rewrite."""
+def _extended(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's graph of ``model`` after its ``extended`` optimizations (where the Q/DQ fusions happen)."""
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.log_severity_level = 3
         options.optimized_model_filepath = f"{tmp}/optimized.onnx"
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return move_qgemm_to_faster_kernels(onnx.load(f"{tmp}/optimized.onnx"))[0]
+        return onnx.load(f"{tmp}/optimized.onnx")
+
+
+def _compiled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as the compile stage saves it: ORT's ``extended`` optimizations, then the QGemm rewrite."""
+    return move_qgemm_to_faster_kernels(_extended(model))[0]
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
@@ -96,13 +101,7 @@ def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
 
 def _fused_ops(model: onnx.ModelProto) -> list[str]:
     """The node types ORT makes of ``model``: checked, so that each row times the kernel it names."""
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.log_severity_level = 3
-        options.optimized_model_filepath = f"{tmp}/optimized.onnx"
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return [node.op_type for node in onnx.load(f"{tmp}/optimized.onnx").graph.node]
+    return [node.op_type for node in _extended(model).graph.node]
 
 
 def main() -> None:
