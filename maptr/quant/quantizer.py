@@ -13,12 +13,14 @@ Quantized operators (the units of the sensitivity ranking, named by module path)
 
 - every ``nn.Conv2d`` / ``nn.Linear`` of the inference path (backbone, FPN, attention projections,
   sampling offsets, attention-weight logits, FFNs, class and point branches);
-- the :mod:`maptr.models.tensor_ops` modules: residual and positional adds, the FPN merge, the
-  camera-embedding add, ``q @ k^T`` and ``probabilities @ v`` (:class:`MatMul`), the deformable
-  attention's ``reference points + sampling offsets`` (``location_add``: both inputs, the ones with a
-  wide range) and ``samples x attention weights`` (``weight_product``: the softmaxed attention weights
-  only, see :data:`FLOAT_INPUTS`);
+- the :mod:`maptr.models.tensor_ops` modules that ONNX Runtime can run as integer kernels: the
+  positional adds, the FPN merge, the camera-embedding add, ``q @ k^T`` and ``probabilities @ v``
+  (:class:`MatMul`);
 - the residual adds inside the ResNet blocks and the stem's max-pool (so that the stem conv ends in Q).
+
+The other :mod:`~maptr.models.tensor_ops` modules stay float (:data:`FLOAT_OPERATORS`): ONNX Runtime
+computes them in float whatever their inputs are, so a fake-quant there would only add rounding error
+and a Q/DQ pair per input to the deployed graph.
 
 Two tensors get a grid that is known rather than estimated. The camera images (the input of
 :data:`IMAGE_INPUT_OP`) are 8-bit pixels normalized by ``(pixel - 128) / 128``: their uint8 grid is the
@@ -32,7 +34,7 @@ no BatchNorm, and QAT then trains the folded weights.
 
 The operators whose inputs get int16 are named in :class:`QuantConfig` (``int16_ops``), which the
 calibrate stage fills from the top of the sensitivity ranking; nothing here lists them by hand. What
-stays float, and why, is :data:`FLOAT_MODULES`, :data:`FLOAT_OPERATIONS` and :data:`FLOAT_INPUTS`.
+stays float, and why, is :data:`FLOAT_MODULES`, :data:`FLOAT_OPERATIONS` and :data:`FLOAT_OPERATORS`.
 """
 
 from __future__ import annotations
@@ -93,12 +95,21 @@ FLOAT_OPERATIONS: dict[str, str] = {
     "them: a quantized tensor stays on its grid",
 }
 
-# Inputs of quantized operators that stay float: (operator name suffix, input index) -> why.
-FLOAT_INPUTS: dict[tuple[str, int], str] = {
-    ("weight_product", 0): "the bilinear samples are computed in float by grid_sample, and the product and "
-    "the sum over points run in float in ONNX Runtime (no integer kernel reads them; the sum is quantized "
-    "as the output projection's input). Quantizing them put a Q/DQ pair on the largest activation of the "
-    "model (heads x channels x visible pairs x points: 0.9 M values per frame on nano, ~0.5 ms at 2 threads)",
+# tensor_ops modules (matched by the last components of their path) that ONNX Runtime computes in float
+# whatever their inputs are: they get no fake-quant, so the QAT model computes what the deployed one does.
+# Measured on nano (2026-12-06), quantized they put 33 of the deployed graph's 65 Q/DQ nodes in front of
+# float kernels, and the four location_adds headed the sensitivity ranking (0.24 m steps in uint8).
+FLOAT_OPERATORS: dict[str, str] = {
+    "location_add": "reference points + sampling offsets: the sum is grid_sample's coordinate input, "
+    "computed in float (no integer kernel reads it)",
+    "weight_product": "bilinear samples (grid_sample's float output) x softmaxed attention weights: ONNX "
+    "Runtime multiplies and sums over the points in float; the sum is quantized as the output "
+    "projection's input",
+    "residual_add1": "a post-norm residual sum: ONNX Runtime fuses the add into the LayerNorm after it "
+    "(SkipLayerNormalization, a float kernel); the sublayer's last linear then outputs float",
+    "residual_add2": "as residual_add1",
+    "residual_add3": "as residual_add1",
+    "ffn.residual_add": "as residual_add1 (the FFN's residual sum before its LayerNorm)",
 }
 
 IMAGE_INPUT_OP = "backbone.conv1"  # the first operator on the camera images: its input is the pixel grid
@@ -187,28 +198,26 @@ def _weight_wrapper(module: nn.Module, input_quant: FakeQuantize, reduce_range: 
 
 
 class QuantizedOp(nn.Module):
-    """A parameter-free operator (Add, Mul, MatMul, MaxPool2d) with a fake-quant on its inputs.
+    """A parameter-free operator (Add, Mul, MatMul, MaxPool2d) with a fake-quant on each of its inputs.
 
     Args:
         op: the float operator module.
-        input_quants: one entry per positional input of ``op``: its FakeQuantize, or None for an input
-            that stays float (:data:`FLOAT_INPUTS`; at least one input is quantized).
+        input_quants: one FakeQuantize per positional input of ``op``.
     """
 
-    def __init__(self, op: nn.Module, input_quants: list[FakeQuantize | None]) -> None:
+    def __init__(self, op: nn.Module, input_quants: list[FakeQuantize]) -> None:
         super().__init__()
-        if not any(isinstance(quant, FakeQuantize) for quant in input_quants):
+        if not input_quants:
             raise ValueError("a quantized operator needs at least one input fake-quant")
         self.op = op
-        # nn.Identity keeps the ModuleList indices (and state-dict keys) aligned with the op's inputs.
-        self.input_quants = nn.ModuleList(nn.Identity() if quant is None else quant for quant in input_quants)
+        self.input_quants = nn.ModuleList(input_quants)
 
     def fake_quants(self) -> list[FakeQuantize]:
-        """The input fake-quants, float inputs skipped."""
-        return [quant for quant in self.input_quants if isinstance(quant, FakeQuantize)]
+        """The input fake-quants, in input order."""
+        return list(self.input_quants)
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        """Same shapes as ``op``: each quantized input is fake-quantized, then ``op`` runs in float."""
+        """Same shapes as ``op``: each input is fake-quantized, then ``op`` runs in float."""
         if len(inputs) != len(self.input_quants):
             raise ValueError(f"{type(self.op).__name__} takes {len(self.input_quants)} inputs, got {len(inputs)}")
         return self.op(*(quant(x) for quant, x in zip(self.input_quants, inputs, strict=True)))
@@ -285,14 +294,14 @@ def _is_float_module(name: str) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in FLOAT_MODULES)
 
 
-def _is_float_input(name: str, index: int) -> bool:
-    return any((name == suffix or name.endswith("." + suffix)) and index == i for suffix, i in FLOAT_INPUTS)
+def _is_float_operator(name: str) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in FLOAT_OPERATORS)
 
 
 def _quantizable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) of every module to wrap, in registration order."""
     for name, module in model.named_modules():
-        if _is_float_module(name):
+        if _is_float_module(name) or _is_float_operator(name):
             continue
         # MaxPool2d: quantizing its input makes the stem conv end in Q (an integer QLinearConv in ORT)
         if isinstance(module, (nn.Conv2d, nn.Linear, Add, Mul, MatMul, nn.MaxPool2d)):
@@ -329,10 +338,7 @@ def quantize_model(model: MapTR, config: QuantConfig) -> MapTR:
             wrapped: nn.Module = _weight_wrapper(module, input_quant, config.weight_reduce_range)
         else:
             num_inputs = 1 if isinstance(module, nn.MaxPool2d) else 2
-            quants = [
-                None if _is_float_input(name, index) else config.activation_quant(dtype) for index in range(num_inputs)
-            ]
-            wrapped = QuantizedOp(module, quants)
+            wrapped = QuantizedOp(module, [config.activation_quant(dtype) for _ in range(num_inputs)])
         _set_submodule(model, name, wrapped)
     _tie_max_pool_grid(model)
     return model
@@ -370,7 +376,7 @@ class OperatorInfo:
     kind: str  # Conv2d, Linear, Add, Mul, MatMul, MaxPool2d
     activation_dtype: str  # dtype of its inputs: uint8 or int16
     weight_dtype: str | None  # int8 for convs / linears, None for parameter-free operators
-    input_quants: list[FakeQuantize] = field(repr=False)  # float inputs (FLOAT_INPUTS) not listed
+    input_quants: list[FakeQuantize] = field(repr=False)
     weight_quant: WeightFakeQuantize | None = field(default=None, repr=False)
 
 
