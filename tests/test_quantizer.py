@@ -14,9 +14,8 @@ from maptr.models.maptr import MapTR, build_maptr
 from maptr.models.tensor_ops import Add, MatMul, Mul
 from maptr.quant import FakeQuantize, FakeQuantMode, QuantWrapper, WeightFakeQuantize, set_fake_quant_mode
 from maptr.quant.calibration import calibrate
+from maptr.quant.float_set import FLOAT_MODULES, FLOAT_OPERATORS
 from maptr.quant.quantizer import (
-    FLOAT_MODULES,
-    FLOAT_OPERATORS,
     QuantConfig,
     QuantizedOp,
     build_model_from_checkpoint,

@@ -269,7 +269,7 @@ def format_report(report: CheckReport) -> str:
             f"{'+'.join(op.ort_kernels):<28.28} {'yes' if op.integer else 'no':<7} {op.microseconds:>7}"
         )
     lines.append("")
-    lines.append("float operators (not quantized by design, see maptr.quant.quantizer.FLOAT_OPERATIONS):")
+    lines.append("float operators (not quantized by design, see maptr.quant.float_set.FLOAT_OPERATIONS):")
     by_type = Counter(op.kind for op in report.float_operators if not op.integer)
     micros = Counter()
     for op in report.float_operators:
