@@ -108,6 +108,7 @@ def main() -> None:
         relus_removed=compiled.relus_removed, integer_biases=compiled.integer_biases,
         space_to_depth_convs=compiled.space_to_depth_convs, qgemm_rewrites=asdict(compiled.qgemm_rewrites),
         float_weights_folded=compiled.float_weights_folded,
+        conv_outputs_channels_last=compiled.conv_outputs_channels_last,
         deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))

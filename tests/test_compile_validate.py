@@ -73,6 +73,7 @@ def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp
                for n in left)  # fmt: skip
     assert compiled.integer_biases > 0  # uint8 linears read by float operators are given an int32 bias
     assert compiled.space_to_depth_convs == 1  # the stem, on the 3 colour channels
+    assert compiled.conv_outputs_channels_last == 1  # the neck's output, flattened to the encoder's tokens
     img, lidar2img = micro["inputs"]
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     # ORT's QGemm nodes moved to the kernels that add the bias after the GEMM: exact for the uint8 outputs,

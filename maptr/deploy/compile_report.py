@@ -217,6 +217,8 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"{qgemm.get('to_channels_last_conv', 0)} to a channels-last 1x1 QLinearConv (uint8 output, exact), "
             f"{qgemm.get('to_matmul_integer_to_float', 0)} to MatMulIntegerToFloat (float output). "
             f"Constant DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
+            f"Convolution outputs flattened to tokens channels-last (ORT's NHWC -> NCHW transpose cancels at "
+            f"load): {report.get('conv_outputs_channels_last', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]

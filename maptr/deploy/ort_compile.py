@@ -25,7 +25,10 @@
 7. the constant DQs ORT left in front of kernels that stay float are folded into float initializers
    (nothing reads their integer grid any more), except the weight and bias DQs of a float ``Gemm`` or
    ``Conv``, which ORT would re-quantize per tensor when loading the file
-   (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`).
+   (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`);
+8. a convolution's output flattened to tokens (``Reshape(N, C, H*W) -> Transpose(0, 2, 1)``) is written
+   as ``Transpose(0, 2, 3, 1) -> Reshape`` (:mod:`~maptr.deploy.conv_output_layout`), so that the
+   NHWC -> NCHW transpose ORT puts after its channels-last convolution at load cancels against it.
 
 That file is portable across x86 CPUs. Every session of the deployed model loads it at
 :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the layouts of the CPU it runs
@@ -48,6 +51,7 @@ import onnx
 from maptr.atomic import atomic_file
 from maptr.deploy.checker import LEVELS
 from maptr.deploy.constant_folding import FoldReport, fold_constants
+from maptr.deploy.conv_output_layout import flatten_conv_outputs_channels_last
 from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session, run_frame, session_options
 from maptr.deploy.qgemm_kernels import QGemmRewrites, move_qgemm_to_faster_kernels
@@ -78,6 +82,7 @@ class CompiledModel:
     space_to_depth_convs: int  # the stem convolution as a 12-channel block convolution (exact)
     qgemm_rewrites: QGemmRewrites  # ORT's QGemm nodes moved to kernels that add the bias after the GEMM
     float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
+    conv_outputs_channels_last: int  # conv -> tokens flattened channels-last (no NCHW round trip at load)
 
 
 def prepare_for_ort(model: onnx.ModelProto) -> PreparedModel:
@@ -102,14 +107,16 @@ def _ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> No
     ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _after_ort(optimized: onnx.ModelProto) -> tuple[onnx.ModelProto, QGemmRewrites, int]:
-    """The rewrites of ORT's optimized graph: QGemm onto faster kernels, then the leftover constant DQs
-    folded. Returns the graph, the QGemm rewrites and the number of DQs folded."""
+def _after_ort(optimized: onnx.ModelProto) -> tuple[onnx.ModelProto, QGemmRewrites, int, int]:
+    """The rewrites of ORT's optimized graph: QGemm onto faster kernels, the leftover constant DQs
+    folded, the convolutions' token outputs flattened channels-last. Returns the graph, the QGemm
+    rewrites, the number of DQs folded and the number of flattened convolution outputs."""
     rewritten, qgemms = move_qgemm_to_faster_kernels(optimized)
     # A constant DQ that ORT could not fuse feeds a float kernel: left in, it dequantizes the same
     # tensor on every frame. Float Gemm / Conv weights keep theirs (see fold_constants).
     folded, leftover = fold_constants(rewritten, keep_dequantize=False)
-    return folded, qgemms, leftover.folded_nodes
+    flattened, token_layouts = flatten_conv_outputs_channels_last(folded)
+    return flattened, qgemms, leftover.folded_nodes, token_layouts
 
 
 def optimize_and_save(source: str | Path, target: str | Path, level: str = "extended") -> CompiledModel:
@@ -125,12 +132,12 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
     prepared = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
         _ort_optimize(prepared.model, tmp, level)
-        compiled, qgemms, folded = _after_ort(onnx.load(str(tmp)))
+        compiled, qgemms, folded, token_layouts = _after_ort(onnx.load(str(tmp)))
         onnx.save(compiled, str(tmp))
         onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
     return CompiledModel(
         target, prepared.fold, prepared.relus_removed, prepared.integer_biases, prepared.space_to_depth_convs,
-        qgemms, folded,
+        qgemms, folded, token_layouts,
     )  # fmt: skip
 
 
