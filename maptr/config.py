@@ -95,8 +95,9 @@ class CalibrateConfig:
     int16_topk: int = 30  # operators with int16 inputs, for the preset int16_topk_preset (the guide: 30, r50)
     int16_topk_preset: str = "r50"  # other presets get the same fraction of their quantized operators
     # Module-path prefixes never given int16 inputs, however they rank: ONNX Runtime's CPU provider has no
-    # int16 convolution, so int16 around the image side turns its integer convolutions back to float.
-    int16_exclude: list[str] = field(default_factory=lambda: ["backbone", "neck"])
+    # int16 convolution, so int16 around the image side turns its integer convolutions back to float
+    # (the camera-embedding add reads the neck's last convolution, which would then write int16).
+    int16_exclude: list[str] = field(default_factory=lambda: ["backbone", "neck", "encoder.camera_embedding_add"])
     weight_reduce_range: bool = True  # 7-bit int8 weights: exact ONNX Runtime kernels on CPUs without VNNI
     seed: int = 0
     threads: int = 1  # torch threads (0 = torch's default)

@@ -129,7 +129,11 @@ def test_int16_exclude_skips_the_image_side_and_keeps_k():
         "head.cls_branches.1.0",
     ]
     assert excluded("backbone", ["backbone"]) and not excluded("backbone_like.head", ["backbone"])
-    assert load_section({"calibrate": {}}, "calibrate", CalibrateConfig).int16_exclude == ["backbone", "neck"]
+    assert load_section({"calibrate": {}}, "calibrate", CalibrateConfig).int16_exclude == [
+        "backbone",
+        "neck",
+        "encoder.camera_embedding_add",
+    ]
 
 
 def test_int16_goes_to_the_top_of_the_ranking_and_nowhere_else(micro_cfg):
