@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from maptr.deploy.conv_output_layout import flatten_conv_outputs_channels_last
 
 
-def _conv_tokens_model(target: list[int], second_reader: bool = False) -> onnx.ModelProto:
+def _conv_tokens_model(target: list[int], second_reader: str = "") -> onnx.ModelProto:
     """uint8 (2, 4, 3, 5) -> QLinearConv 3x3 to 6 channels -> Reshape(target) -> Transpose(0, 2, 1)."""
     rng = np.random.default_rng(0)
     inits = [
@@ -37,9 +37,11 @@ def _conv_tokens_model(target: list[int], second_reader: bool = False) -> onnx.M
         helper.make_node("Transpose", ["flat"], ["y"], name="to_tokens", perm=[0, 2, 1]),
     ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 15, 6])]
-    if second_reader:
+    if second_reader == "identity":
         nodes.append(helper.make_node("Identity", ["flat"], ["flat_copy"]))
         outputs.append(helper.make_tensor_value_info("flat_copy", TensorProto.UINT8, [2, 6, 15]))
+    elif second_reader == "graph output":
+        outputs.append(helper.make_tensor_value_info("flat", TensorProto.UINT8, [2, 6, 15]))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4, 3, 5])], outputs, inits
     )
@@ -77,7 +79,8 @@ def test_tokens_are_the_same_bytes_and_ort_drops_both_transposes(target, tmp_pat
 
 @pytest.mark.parametrize(
     "target, second_reader",
-    [([2, 3, 30], False), ([2, 0, 15], False), ([2, 6, 15], True)],  # C not the conv's; "copy" dim; shared
+    # C not the conv's; a "copy" dim; the flattened map read by another node / outside the graph
+    [([2, 3, 30], ""), ([2, 0, 15], ""), ([2, 6, 15], "identity"), ([2, 6, 15], "graph output")],
 )
 def test_other_reshapes_are_left_alone(target, second_reader):
     model = _conv_tokens_model(target, second_reader)

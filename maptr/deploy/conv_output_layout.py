@@ -28,7 +28,7 @@ def _is_perm(node: onnx.NodeProto, perm: list[int]) -> bool:
 
 def _token_shape(target: np.ndarray, channels: int) -> np.ndarray | None:
     """(N, C, S) -> (N, S, C) when ``target`` names C explicitly and has no 0 ("copy") entry."""
-    if target.shape != (3,) or target[1] != channels or 0 in target or target[1] < 0:
+    if target.shape != (3,) or target[1] != channels or 0 in target:
         return None
     return np.array([target[0], target[2], target[1]], dtype=np.int64)
 
@@ -52,6 +52,7 @@ def flatten_conv_outputs_channels_last(model: onnx.ModelProto) -> tuple[onnx.Mod
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    graph_outputs = {out.name for out in graph.output}  # read outside the graph: must keep their values
 
     # keyed by output names: node names may be empty
     replacements: dict[str, list[onnx.NodeProto]] = {}  # Reshape output -> the two nodes replacing it
@@ -65,6 +66,8 @@ def flatten_conv_outputs_channels_last(model: onnx.ModelProto) -> tuple[onnx.Mod
             continue
         conv = producers.get(reshape.input[0])
         if conv is None or conv.op_type not in _CONVS or len(readers[conv.output[0]]) != 1:
+            continue
+        if {reshape.output[0], conv.output[0]} & graph_outputs:
             continue
         weight_name = conv.input[3] if conv.op_type == "QLinearConv" else conv.input[1]
         if weight_name not in initializers or reshape.input[1] not in initializers:
