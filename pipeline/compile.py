@@ -109,6 +109,7 @@ def main() -> None:
         space_to_depth_convs=compiled.space_to_depth_convs, qgemm_rewrites=asdict(compiled.qgemm_rewrites),
         float_weights_folded=compiled.float_weights_folded,
         conv_outputs_channels_last=compiled.conv_outputs_channels_last,
+        skip_layer_norms_split=compiled.skip_layer_norms_split, reshapes_collapsed=compiled.reshapes_collapsed,
         deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))

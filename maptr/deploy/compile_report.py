@@ -219,6 +219,9 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"Constant DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
             f"Convolution outputs flattened to tokens channels-last (ORT's NHWC -> NCHW transpose cancels at "
             f"load): {report.get('conv_outputs_channels_last', 0)}. "
+            f"ORT's SkipLayerNormalization nodes written as Sum -> LayerNormalization (the fused CPU kernel is "
+            f"the slower one on 64 channels): {report.get('skip_layer_norms_split', 0)}. "
+            f"Shape-only nodes removed by collapsing Reshape chains: {report.get('reshapes_collapsed', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]

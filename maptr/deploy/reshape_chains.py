@@ -1,0 +1,70 @@
+"""Chains of shape-only nodes ending in a ``Reshape`` collapsed into that one ``Reshape``.
+
+A ``Reshape`` to a constant shape does not depend on the shape of its input, only on its element count
+(with no 0 entry, which would copy a dimension of the input). So ``Reshape(Reshape(x, a), b)``,
+``Reshape(Unsqueeze(x), b)`` and the like equal ``Reshape(x, b)``. ORT leaves such chains in the graph:
+it wraps every fused linear in ``Reshape`` nodes (to 2-D rows and back), and the QGemm rewrite of
+:mod:`~maptr.deploy.qgemm_kernels` adds its own around each channels-last 1x1 convolution, so one
+transformer linear's output is often reshaped two or three times in a row (nano: 52 of 97 ``Reshape``
+nodes read another shape-only node's output). Each node costs its own kernel launch per frame.
+
+The collapsed ``Reshape`` reads the start of the chain; a bypassed node is removed once nothing reads it.
+Values are untouched (a ``Reshape`` copies or aliases its input), so the outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+# Nodes whose output holds the input's elements in the same order, only with another shape.
+_SHAPE_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+
+
+def _constant_shape_without_zeros(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+    """True for a ``Reshape`` whose target shape is an initializer with no 0 (copy-this-dimension) entry."""
+    if len(node.input) < 2 or node.input[1] not in initializers:
+        return False
+    return bool((numpy_helper.to_array(initializers[node.input[1]]) != 0).all())
+
+
+def collapse_reshape_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` in which every ``Reshape`` to a constant shape reads past the shape-only nodes
+    before it (see the module doc), and the nodes nothing reads any more are removed.
+
+    Args:
+        model: an ONNX model whose nodes are in topological order.
+    Returns:
+        the new model and the number of nodes removed.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output}
+    for node in graph.node:
+        if node.op_type != "Reshape" or not _constant_shape_without_zeros(node, initializers):
+            continue
+        producer = producers.get(node.input[0])
+        while producer is not None and producer.op_type in _SHAPE_ONLY and len(producer.output) == 1:
+            node.input[0] = producer.input[0]  # same elements, same order: only the count matters
+            producer = producers.get(node.input[0])
+
+    graph_outputs = {output.name for output in graph.output}
+    removed = 0
+    changed = True
+    while changed:  # removing one node may leave its own producer unread
+        read = {name for node in graph.node for name in node.input} | graph_outputs
+        keep = [
+            node for node in graph.node
+            if not (node.op_type in _SHAPE_ONLY and not any(name in read for name in node.output))
+        ]  # fmt: skip
+        changed = len(keep) < len(graph.node)
+        removed += len(graph.node) - len(keep)
+        del graph.node[:]
+        graph.node.extend(keep)
+    produced = {name for node in graph.node for name in node.output}
+    kept_info = [info for info in graph.value_info if info.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    return out, removed
