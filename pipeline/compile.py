@@ -110,6 +110,7 @@ def main() -> None:
         float_weights_folded=compiled.float_weights_folded,
         conv_outputs_channels_last=compiled.conv_outputs_channels_last,
         skip_layer_norms_split=compiled.skip_layer_norms_split, reshapes_collapsed=compiled.reshapes_collapsed,
+        broadcasts_expanded=compiled.broadcasts_expanded,
         deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))

@@ -77,6 +77,7 @@ def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp
     # ORT's slow fused skip layer norms are split back; linears are no longer wrapped in reshape chains
     assert compiled.skip_layer_norms_split > 0 and "SkipLayerNormalization" not in op_types
     assert compiled.reshapes_collapsed > 0
+    assert compiled.broadcasts_expanded > 0  # deformable attention's reference points + offsets
     img, lidar2img = micro["inputs"]
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     # ORT's QGemm nodes moved to the kernels that add the bias after the GEMM: exact for the uint8 outputs,

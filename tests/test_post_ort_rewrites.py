@@ -1,5 +1,5 @@
-"""Rewrites of ORT's optimized graph: skip layer norms split (maptr/deploy/skip_layer_norm.py) and reshape
-chains collapsed (maptr/deploy/reshape_chains.py)."""
+"""Rewrites of ORT's optimized graph: skip layer norms split (maptr/deploy/skip_layer_norm.py), reshape
+chains collapsed (maptr/deploy/reshape_chains.py), short-run broadcasts expanded (maptr/deploy/small_broadcasts.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from maptr.deploy.reshape_chains import collapse_reshape_chains
 from maptr.deploy.skip_layer_norm import split_skip_layer_norms
+from maptr.deploy.small_broadcasts import expand_short_run_broadcasts
 
 _SHAPE = [1, 7, 8]
 
@@ -158,3 +159,46 @@ def test_reshape_nodes_nothing_reads_after_the_collapse_are_removed():
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     out = _session(collapsed, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
     np.testing.assert_array_equal(out, x.reshape(4, 6))
+
+
+def _broadcast_model(small_shape: list, full_shape: list, op: str, small_constant: bool) -> onnx.ModelProto:
+    """y = op(full, small): the small input broadcast to the full one (a graph input or a constant)."""
+    inputs = [helper.make_tensor_value_info("full", TensorProto.FLOAT, full_shape)]
+    inits = []
+    if small_constant:
+        value = np.random.default_rng(4).uniform(1, 2, small_shape).astype(np.float32)  # static when constant
+        inits.append(numpy_helper.from_array(value, "small"))
+    else:
+        inputs.append(helper.make_tensor_value_info("small", TensorProto.FLOAT, small_shape))
+    node = helper.make_node(op, ["full", "small"], ["y"], name="op")
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize(
+    ("small_shape", "full_shape", "op", "constant", "expected"),
+    [
+        (["pairs", 1, 1, 4, 2], ["pairs", 4, 2, 4, 2], "Add", False, "Expand"),  # SCA reference + offsets, runs of 8
+        ([1, 1, 1, 1, 2], [1, 500, 4, 4, 2], "Div", True, "initializer"),  # offset normalizer: stored expanded
+        ([1, 500, 1], [1, 500, 64], "Div", False, None),  # runs of 64: ORT's broadcast is fast enough
+        ([4, 1, 300, 8], [4, 16, 300, 8], "Mul", False, None),  # one long run per channel: left alone
+        ([], [1, 500, 4, 2], "Mul", True, None),  # a scalar
+        ([1, 1, 2], [1, 20, 2], "Sub", False, None),  # 40 elements: not worth a node
+    ],
+)
+def test_short_run_broadcasts_are_expanded_bit_identically(small_shape, full_shape, op, constant, expected):
+    model = _broadcast_model(small_shape, full_shape, op, constant)
+    rewritten, count = expand_short_run_broadcasts(model)
+    op_types = [node.op_type for node in rewritten.graph.node]
+    names = {init.name for init in rewritten.graph.initializer}
+    assert count == (expected is not None)
+    assert ("Expand" in op_types) == (expected == "Expand")
+    assert any(name.startswith("small_expanded") for name in names) == (expected == "initializer")
+    rng = np.random.default_rng(5)
+    feeds = {"full": rng.normal(size=[7 if isinstance(d, str) else d for d in full_shape]).astype(np.float32)}
+    if not constant:
+        static_small = [7 if isinstance(d, str) else d for d in small_shape]
+        feeds["small"] = rng.uniform(1, 2, static_small).astype(np.float32)
+    before = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, feeds)[0]
+    after = _session(rewritten, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, feeds)[0]
+    np.testing.assert_array_equal(after, before)

@@ -222,6 +222,8 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"ORT's SkipLayerNormalization nodes written as Sum -> LayerNormalization (the fused CPU kernel is "
             f"the slower one on 64 channels): {report.get('skip_layer_norms_split', 0)}. "
             f"Shape-only nodes removed by collapsing Reshape chains: {report.get('reshapes_collapsed', 0)}. "
+            f"Element-wise operators broadcasting in runs of a few floats, given their small input expanded "
+            f"(exact): {report.get('broadcasts_expanded', 0)}. "
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]
