@@ -5,7 +5,7 @@ into one ``com.microsoft.SkipLayerNormalization`` node. Its CPU kernel (ORT 1.32
 thread-pool task with a scalar loop and a division per element, where the standard
 ``LayerNormalization`` kernel is vectorized. On MapTR's shapes (64 channels) the fused node is the slow
 one: (1, 1250, 64) takes 473 us against 81 us for ``Sum + LayerNormalization`` at 1 thread, 263 vs
-113 us at 2 threads (``benchmarks/bench_ort.py --layer-norm``).
+113 us at 2 threads (``benchmarks/bench_ort_kernels.py``).
 
 The sum is written as ``Sum``, not ``Add``: ORT's ``SkipLayerNormFusion`` matches an ``Add`` parent,
 so an ``Add`` would be fused again when the file is loaded at level ``all``; ``Sum`` of two tensors of
