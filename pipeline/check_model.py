@@ -3,6 +3,7 @@
     python pipeline/check_model.py --preset tiny
     python pipeline/check_model.py --preset r50                 # untrained, batch 1 (~3-5 min on 2 cores)
     python pipeline/check_model.py --checkpoint models/calibration-checkpoint-best.pt
+    python pipeline/check_model.py --checkpoint models/qat-checkpoint-best.pt --compiled   # as deployed
 
 Without --checkpoint the model is the preset's untrained one, calibrated on one random batch (enough to
 set every scale: the check is about the graph, not accuracy), with the int16 operators of the
@@ -10,6 +11,12 @@ sensitivity report when it was made for that preset (else all 8-bit, said in the
 line per quantized operator (activation and weight dtype, the ORT kernel it became, integer or not)
 and the float kernels by type, and writes the same as JSON. Fails with a message naming the module
 when an operator cannot be exported.
+
+By default ORT optimizes the raw export at ``--level``: which operators ORT's own Q/DQ fusions turn
+into integer kernels. With ``--compiled`` the export first goes through the compile stage's rewrites
+(``maptr.deploy.ort_compile.optimize_and_save``) and the file is loaded at ORT level ``all``, as every
+deployed session loads it: the kernels the deployed model runs (more of them integer: the compile stage
+gives float-output linears an integer bias and moves the stem onto the fast integer convolution).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from maptr.atomic import write_text_atomic
 from maptr.config import CalibrateConfig, load_model_config, load_params, load_section
 from maptr.deploy.checker import LEVELS, check_model, format_report
 from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
+from maptr.deploy.ort_compile import optimize_and_save
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import (
@@ -47,6 +56,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON report (default reports/check_model_<preset>.json)")
     p.add_argument("--onnx", default=None, help="keep the exported model here (default: a temporary file)")
     p.add_argument("--level", default="extended", choices=sorted(LEVELS), help="ORT graph optimization level")
+    p.add_argument("--compiled", action="store_true", help="check the compile stage's output for this export "
+                   "(loaded at ORT level all, as deployed) instead of ORT's fusion of the raw export")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch and ORT threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -84,9 +95,14 @@ def main() -> None:
             raise cli.UserError(str(exc)) from None
         print(f"exported {exported.num_nodes} ONNX nodes in {exported.seconds:.1f} s")
         check_start = time.perf_counter()
+        run_path, level = None, args.level
+        if args.compiled:
+            run_path = optimize_and_save(onnx_path, Path(tmp) / f"maptr_{model_cfg.preset}_deploy.onnx", level).path
+            level = DEPLOYED_LEVEL
+            print(f"compiled as the compile stage does ({args.level}, then its rewrites): {run_path.name}")
         report = check_model(
-            onnx_path, quantized_operators(model), (img, lidar2img), (exported.scores, exported.pts), args.level,
-            threads,
+            onnx_path, quantized_operators(model), (img, lidar2img), (exported.scores, exported.pts), level,
+            threads, run_path,
         )  # fmt: skip
         print(f"ONNX Runtime optimized and ran it in {time.perf_counter() - check_start:.1f} s\n")
     print(format_report(report))

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from maptr.config import ModelConfig
 from maptr.deploy.checker import check_model, format_report
 from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
+from maptr.deploy.ort_compile import optimize_and_save
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL
 from maptr.models.maptr import MapTR, build_maptr
 from maptr.quant import FakeQuantMode, set_fake_quant_mode
 from maptr.quant.calibration import calibrate
@@ -97,6 +99,25 @@ def test_checker_lists_every_operator_with_its_dtype_and_ort_kernel(checked):
     assert report.max_abs_diff["scores"] < 0.05 and report.max_abs_diff["pts"] < 0.05
     text = format_report(report)
     assert "backbone.conv1" in text and "QLinearConv" in text and "GridSample" in text
+
+
+def test_checker_on_the_compiled_file_finds_the_kernels_the_deployed_model_runs(checked, tmp_path):
+    model, path, exported, raw = checked
+    deployed = optimize_and_save(path, tmp_path / "micro_deploy.onnx", "extended").path
+    inputs = example_inputs(model)
+    report = check_model(
+        path, quantized_operators(model), inputs, (exported.scores, exported.pts), DEPLOYED_LEVEL, 1, deployed
+    )
+    rows = {row.name: row for row in report.operators}
+    # renamed by the compile stage (space-to-depth stem, QGemm rewrites) and by ORT's layouts at load
+    # ("_token_N"), the kernels are still found
+    assert rows["backbone.conv1"].ort_kernels == ["QLinearConv"] and rows["backbone.conv1"].integer
+    assert report.summary()["integer_kernels"] > raw.summary()["integer_kernels"]  # integer biases etc.
+    constant = [row.name for row in report.operators if row.ort_kernels == ["(constant: computed at compile time)"]]
+    assert constant and all(".self_attn." in name or "pos_add" in name or "_attn." in name for name in constant)
+    assert all(row.ort_kernels for row in report.operators)
+    assert "compiled file" in report.optimization_level
+    assert report.max_abs_diff["scores"] < 0.05 and report.max_abs_diff["pts"] < 0.05
 
 
 def test_unexportable_operator_fails_naming_its_module(micro_cfg, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,6 +102,17 @@ class CheckReport:
         }
 
 
+# Suffixes that rewrites append to the name of the node they replace: ORT's layout transformer at level
+# `all` ("_token_6"), the compile stage's space-to-depth stem and QGemm rewrites. A fused node keeps its
+# source's name before a "/" (ORT's fusions).
+_REWRITE_SUFFIX = re.compile(r"(_space_to_depth|_rewritten_(matmul|conv|to_nhwc|to_rows))?(_token_\d+)*$")
+
+
+def _source_node_name(kernel_name: str) -> str:
+    """The exported node an ORT kernel came from, by name (see :data:`_REWRITE_SUFFIX`)."""
+    return _REWRITE_SUFFIX.sub("", kernel_name.split("/")[0])
+
+
 def _module_scopes(model: onnx.ModelProto) -> dict[str, str]:
     """ONNX node name -> module path of the innermost module it came from (MapTR paths, no ``model.``)."""
     scopes = {}
@@ -162,18 +174,21 @@ def kernel_class(kernel: KernelInfo) -> str:
 
 
 def check_operators(
-    exported: onnx.ModelProto, kernels: list[KernelInfo], operators: list[OperatorInfo]
-) -> tuple[list[OperatorCheck], list[OperatorCheck]]:
+    exported: onnx.ModelProto, kernels: list[KernelInfo], operators: list[OperatorInfo],
+    folded_label: str = "(folded away by ORT)",
+) -> tuple[list[OperatorCheck], list[OperatorCheck]]:  # fmt: skip
     """Matches every quantized operator to the ORT kernel(s) it became; lists the remaining float kernels.
 
     Args:
         exported: the ONNX model as exported (with the exporter's module-path metadata).
         kernels: :func:`run_onnx_runtime`'s kernels of ORT's optimized graph.
         operators: the quantized model's operators (:func:`~maptr.quant.quantizer.quantized_operators`).
+        folded_label: the kernel column of an operator in the graph that no kernel runs (constant).
     Returns:
         (one row per quantized operator, one row per float compute kernel not belonging to one).
     """
     scopes = _module_scopes(exported)
+    source = {kernel.name: _source_node_name(kernel.name) for kernel in kernels}
     # The compute node of operator X lives in the scope "X.module" (QuantWrapper) or "X.op" (QuantizedOp).
     owner: dict[str, str] = {}
     op_inputs: dict[str, set[str]] = {}  # operator -> the tensors its compute nodes read (DQ outputs)
@@ -185,7 +200,7 @@ def check_operators(
     by_operator: dict[str, list[KernelInfo]] = {op.name: [] for op in operators}
     unowned = []
     for kernel in kernels:
-        name = owner.get(kernel.name.split("/")[0])
+        name = owner.get(source[kernel.name])
         if name in by_operator:
             by_operator[name].append(kernel)
         elif kernel.op_type not in _QDQ | _DATA_MOVEMENT:
@@ -204,7 +219,7 @@ def check_operators(
         if op.name not in op_inputs:
             kinds = ["(not in the inference graph)"]  # e.g. the class branch of an auxiliary decoder layer
         else:
-            kinds = [kernel.op_type for kernel in found] or ["(folded away by ORT)"]
+            kinds = [kernel.op_type for kernel in found] or [folded_label]
         rows.append(
             OperatorCheck(
                 name=op.name,
@@ -219,7 +234,7 @@ def check_operators(
     unowned = [kernel for kernel in unowned if kernel.name not in claimed]
     float_rows = [
         OperatorCheck(
-            name=scopes.get(kernel.name.split("/")[0]) or "(node created by ORT)",
+            name=scopes.get(source[kernel.name]) or "(node created by ORT)",
             kind=kernel.op_type,
             activation_dtype="integer" if kernel.integer else "float",
             weight_dtype=None,
@@ -239,6 +254,7 @@ def check_model(
     reference: tuple[Tensor, Tensor],
     level: str = "extended",
     threads: int = 1,
+    run_path: str | Path | None = None,
 ) -> CheckReport:
     """The full check of an exported model: ORT's kernels per operator and ORT-vs-PyTorch agreement.
 
@@ -246,18 +262,26 @@ def check_model(
         onnx_path: the exported model (:func:`~maptr.deploy.onnx_export.export_onnx`).
         operators: the quantized operators of the model that was exported.
         inputs: the (img, lidar2img) to run; reference: PyTorch's (scores, pts) for them.
+        level: the ORT optimization level the model is loaded at.
+        run_path: the file ORT runs, when not ``onnx_path`` itself: the compile stage's output for that
+            export (:func:`~maptr.deploy.ort_compile.optimize_and_save`), so that the table shows the
+            kernels the deployed model runs. Operators are still found through ``onnx_path``'s module
+            scopes.
     """
     onnx_path = Path(onnx_path)
-    optimized = onnx_path.with_name(onnx_path.stem + f"_ort_{level}.onnx")
+    ran = Path(run_path) if run_path is not None else onnx_path
+    optimized = ran.with_name(ran.stem + f"_ort_{level}.onnx")
     feeds = {"img": inputs[0].numpy(), "lidar2img": inputs[1].numpy()}
-    kernels, outputs = run_onnx_runtime(onnx_path, optimized, feeds, level, threads)
-    rows, float_rows = check_operators(onnx.load(str(onnx_path)), kernels, operators)
+    kernels, outputs = run_onnx_runtime(ran, optimized, feeds, level, threads)
+    folded = "(folded away by ORT)" if run_path is None else "(constant: computed at compile time)"
+    rows, float_rows = check_operators(onnx.load(str(onnx_path)), kernels, operators, folded)
     diff = {
         name: float(np.abs(out - ref.numpy()).max())
         for name, out, ref in zip(("scores", "pts"), outputs, reference, strict=True)
     }
     counts = Counter(kernel.op_type for kernel in kernels)
-    return CheckReport(rows, float_rows, dict(sorted(counts.items())), diff, level)
+    described = level if run_path is None else f"{level}, on the compiled file {ran.name}"
+    return CheckReport(rows, float_rows, dict(sorted(counts.items())), diff, described)
 
 
 def format_report(report: CheckReport) -> str:
