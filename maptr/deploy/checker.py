@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 from torch import Tensor
 
+from maptr.deploy.constant_folding import constant_nodes
 from maptr.quant.quantizer import OperatorInfo
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
@@ -183,7 +184,7 @@ def check_operators(
         exported: the ONNX model as exported (with the exporter's module-path metadata).
         kernels: :func:`run_onnx_runtime`'s kernels of ORT's optimized graph.
         operators: the quantized model's operators (:func:`~maptr.quant.quantizer.quantized_operators`).
-        folded_label: the kernel column of an operator in the graph that no kernel runs (constant).
+        folded_label: the kernel column of an operator that depends on no input and no kernel runs.
     Returns:
         (one row per quantized operator, one row per float compute kernel not belonging to one).
     """
@@ -191,16 +192,21 @@ def check_operators(
     source = {kernel.name: _source_node_name(kernel.name) for kernel in kernels}
     # The compute node of operator X lives in the scope "X.module" (QuantWrapper) or "X.op" (QuantizedOp).
     owner: dict[str, str] = {}
+    owner_of_output: dict[str, str] = {}  # ORT's channels-blocked float Conv is named "<its output>_nchwc"
     op_inputs: dict[str, set[str]] = {}  # operator -> the tensors its compute nodes read (DQ outputs)
-    for node in exported.graph.node:
+    runs_per_frame: set[str] = set()  # operators with a compute node that depends on the model's inputs
+    for node, constant in zip(exported.graph.node, constant_nodes(exported.graph), strict=True):
         base, _, leaf = scopes.get(node.name, "").rpartition(".")
         if leaf in ("module", "op") and node.op_type not in _QDQ | _DATA_MOVEMENT:
             owner[node.name] = base
+            owner_of_output.update(dict.fromkeys(node.output, base))
             op_inputs.setdefault(base, set()).update(name for name in node.input if name)
+            if not constant:
+                runs_per_frame.add(base)
     by_operator: dict[str, list[KernelInfo]] = {op.name: [] for op in operators}
     unowned = []
     for kernel in kernels:
-        name = owner.get(source[kernel.name])
+        name = owner.get(source[kernel.name]) or owner_of_output.get(source[kernel.name].removesuffix("_nchwc"))
         if name in by_operator:
             by_operator[name].append(kernel)
         elif kernel.op_type not in _QDQ | _DATA_MOVEMENT:
@@ -219,7 +225,8 @@ def check_operators(
         if op.name not in op_inputs:
             kinds = ["(not in the inference graph)"]  # e.g. the class branch of an auxiliary decoder layer
         else:
-            kinds = [kernel.op_type for kernel in found] or [folded_label]
+            unmatched = "(no kernel matched)" if op.name in runs_per_frame else folded_label
+            kinds = [kernel.op_type for kernel in found] or [unmatched]
         rows.append(
             OperatorCheck(
                 name=op.name,

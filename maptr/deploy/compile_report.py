@@ -213,6 +213,8 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             f"{report.get('integer_biases', 0)}. "
             f"Stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks (space-to-depth, exact): "
             f"{report.get('space_to_depth_convs', 0)}. "
+            f"16-bit Q -> DQ pairs in front of kernels ORT runs in float, removed (ORT has no 16-bit kernel; those "
+            f"operators read the float tensor): {report.get('int16_pairs_removed', 0)}. "
             f"ORT's QGemm nodes moved to kernels that add the bias after the integer GEMM: "
             f"{qgemm.get('to_channels_last_conv', 0)} to a channels-last 1x1 QLinearConv (uint8 output, exact), "
             f"{qgemm.get('to_matmul_integer_to_float', 0)} to MatMulIntegerToFloat (float output). "

@@ -36,7 +36,8 @@ _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Ident
 # Kernels whose weight / bias DQ stays even in an ORT-optimized graph: ORT's WeightBiasQuantization
 # transformer runs again whenever the file is loaded at `extended` or `all`, and it re-quantizes a float
 # weight of these ops per tensor to int8 when their input comes from a DequantizeLinear (a linear with
-# int16 inputs, which stays float). A folded per-channel weight would thus change value at load time.
+# int16 inputs, which stays float). A folded per-channel weight would thus change value at load time;
+# the DQs of such a kernel are kept only while its data input is a DequantizeLinear's output.
 _WEIGHT_REQUANTIZED_AT_LOAD = {"Gemm", "Conv", "ConvTranspose"}
 
 
@@ -119,14 +120,20 @@ def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tupl
     # MatMul) stays with that chain: folding it would hand ORT a float weight and lose the integer kernel.
     dq_rooted = [False] * len(graph.node)
     producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+
+    def requantized_at_load(reader: onnx.NodeProto, name: str) -> bool:
+        """``name`` is a weight or bias of ``reader`` that ORT re-quantizes when loading the file."""
+        if reader.op_type not in _WEIGHT_REQUANTIZED_AT_LOAD or list(reader.input).index(name) < 1:
+            return False
+        data = producer.get(reader.input[0])
+        return data is not None and graph.node[data].op_type == "DequantizeLinear"
+
     for index, node in enumerate(graph.node):
         if not flags[index]:
             continue
         if node.op_type == "DequantizeLinear":
             dq_rooted[index] = keep_dequantize or any(
-                graph.node[i].op_type in _WEIGHT_REQUANTIZED_AT_LOAD and list(graph.node[i].input).index(name) >= 1
-                for name in node.output
-                for i in consumers.get(name, [])
+                requantized_at_load(graph.node[i], name) for name in node.output for i in consumers.get(name, [])
             )
         elif node.op_type in _LAYOUT_OPS and node.input and node.input[0] in producer:
             dq_rooted[index] = dq_rooted[producer[node.input[0]]]

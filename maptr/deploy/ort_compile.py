@@ -13,7 +13,10 @@
    dequantized inputs;
 4. the stem convolution is rewritten over 2x2 blocks
    (:func:`~maptr.deploy.stem_space_to_depth.space_to_depth_stem`: 12 input channels instead of 3 reach
-   ORT's fast integer convolution kernel; bit-identical outputs);
+   ORT's fast integer convolution kernel; bit-identical outputs), and the 16-bit Q -> DQ pairs in front
+   of the operators ORT runs in float anyway are removed
+   (:func:`~maptr.deploy.int16_rounding.drop_int16_rounding`: ORT has no 16-bit kernel, so the pair only
+   rounded a float tensor to a 16-bit grid; those operators read it unrounded);
 5. ORT's own graph optimizer: at ``extended`` level it fuses every ``DequantizeLinear -> op ->
    QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul,
    ...), folds constants and fuses LayerNorm patterns; the result is written with
@@ -62,6 +65,7 @@ from maptr.atomic import atomic_file
 from maptr.deploy.checker import LEVELS
 from maptr.deploy.constant_folding import FoldReport, fold_constants
 from maptr.deploy.conv_output_layout import flatten_conv_outputs_channels_last
+from maptr.deploy.int16_rounding import drop_int16_rounding
 from maptr.deploy.integer_bias import quantize_float_output_biases
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session, run_frame, session_options
 from maptr.deploy.qgemm_kernels import QGemmRewrites, move_qgemm_to_faster_kernels
@@ -84,6 +88,7 @@ class PreparedModel:
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
     integer_biases: int  # float biases of uint8 linears written as int32 DQs
     space_to_depth_convs: int  # stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks
+    int16_pairs_removed: int  # 16-bit Q -> DQ pairs in front of float kernels
 
 
 @dataclass
@@ -106,6 +111,7 @@ class CompiledModel:
     relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
     integer_biases: int  # uint8 linears given an int32 bias, so that the float-output ones run as QGemm too
     space_to_depth_convs: int  # the stem convolution as a 12-channel block convolution (exact)
+    int16_pairs_removed: int  # 16-bit Q -> DQ pairs removed: those operators read the float tensor
     qgemm_rewrites: QGemmRewrites  # ORT's QGemm nodes moved to kernels that add the bias after the GEMM
     float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
     conv_outputs_channels_last: int  # conv -> tokens flattened channels-last (no NCHW round trip at load)
@@ -116,13 +122,14 @@ class CompiledModel:
 
 def prepare_for_ort(model: onnx.ModelProto) -> PreparedModel:
     """The graph rewrites done before ORT's optimizer: constant folding, redundant ReLUs, integer biases,
-    the stem convolution over 2x2 blocks."""
+    the stem convolution over 2x2 blocks, the 16-bit rounding pairs."""
     folded, report = fold_constants(model)
     without_relus, relus = drop_relus_before_quantize(folded)
     with_biases, biases = quantize_float_output_biases(without_relus)
-    prepared, stems = space_to_depth_stem(with_biases)
+    with_stem, stems = space_to_depth_stem(with_biases)
+    prepared, int16_pairs = drop_int16_rounding(with_stem)
     onnx.checker.check_model(prepared)
-    return PreparedModel(prepared, report, relus, biases, stems)
+    return PreparedModel(prepared, report, relus, biases, stems, int16_pairs)
 
 
 def _ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> None:
@@ -169,6 +176,7 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
         onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
     return CompiledModel(
         target, prepared.fold, prepared.relus_removed, prepared.integer_biases, prepared.space_to_depth_convs,
+        prepared.int16_pairs_removed,
         after.qgemm_rewrites, after.float_weights_folded, after.conv_outputs_channels_last,
         after.skip_layer_norms_split, after.reshapes_collapsed, after.broadcasts_expanded,
     )  # fmt: skip

@@ -7,11 +7,13 @@ nano the 7x7/2 stem took 1.8-2.1 ms of the deployed model at 2 threads, about as
 convolution (``benchmarks/bench_stem_conv.py``), where the 3x3 convolutions on 64 channels run ~3x
 faster than float.
 
-The rewrite is exact. With the input padded (by the zero point, i.e. real 0) to even sizes and cut into
-2x2 blocks (``SpaceToDepth``, 4C channels in DCR order), a k x k stride-2 convolution is a
-ceil(k/2) x ceil(k/2) stride-1 convolution over the blocks: output (y, x) reads padded rows 2y + ky,
-and ky = 2a + b makes a the block offset and b the row inside the block. The weight is zero-padded to an
-even size and rearranged accordingly; every integer product and the int32 sum stay the same, so ORT's
+The rewrite is exact. With the input cut into 2x2 blocks (``SpaceToDepth``, 4C channels in DCR order),
+a k x k stride-2 convolution is a stride-1 convolution over the blocks: output y reads input rows
+2y - top + ky, and with an even top pad (an odd one gets a leading zero row in the kernel, ky + 1)
+ky = 2a + b makes a the block offset and b the row inside the block. The weight is zero-padded to an
+even size and rearranged accordingly, and the convolution's own padding, in blocks, stands for the
+original one (QLinearConv pads with the input zero point, i.e. real 0; the 7x7 stem's pad 3 becomes
+2 blocks before and 1 after). Every integer product and the int32 sum stay the same, so ORT's
 QLinearConv gives bit-identical outputs, and 12 channels take the ``ConvSym`` path. The float ONNX
 model keeps its direct convolution: for float, space-to-depth is slower (3.0 vs 2.2 ms).
 """
@@ -101,31 +103,40 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         top, left, bottom, right = _attribute(conv, "pads", [0, 0, 0, 0])
         kh, kw = weight.shape[2:]
-        height, width = shape[2] + top + bottom, shape[3] + left + right
-        extra_h, extra_w = height % 2, width % 2
-        block_weight = space_to_depth_weight(weight)
+        out_h, out_w = (shape[2] + top + bottom - kh) // 2 + 1, (shape[3] + left + right - kw) // 2 + 1
+        # An odd top / left pad puts the padded grid's 2x2 blocks on odd input rows / columns: one
+        # leading zero row / column of the kernel moves them onto the input's own blocks.
+        shift_h, shift_w = top % 2, left % 2
+        shifted = np.zeros((*weight.shape[:2], kh + shift_h, kw + shift_w), weight.dtype)
+        shifted[:, :, shift_h:, shift_w:] = weight
+        block_weight = space_to_depth_weight(shifted)
         bh, bw = block_weight.shape[2:]
-        if (height + extra_h) // 2 - bh + 1 != (height - kh) // 2 + 1 or (width + extra_w) // 2 - bw + 1 != (
-            width - kw
-        ) // 2 + 1:
-            continue  # an even kernel on an odd padded size would give one more output row / column
+        extra_h, extra_w = shape[2] % 2, shape[3] % 2  # an odd input size gets one zero-point row / column
+        rows, cols = (shape[2] + extra_h) // 2, (shape[3] + extra_w) // 2
+        # The convolution's padding in blocks; the bottom / right pads give the original output size.
+        block_pads = [(top + shift_h) // 2, (left + shift_w) // 2]
+        block_pads += [out_h - 1 + bh - rows - block_pads[0], out_w - 1 + bw - cols - block_pads[1]]
+        if min(block_pads) < 0:
+            continue
         base = f"{conv.name or conv.output[0]}_space_to_depth"
-        pads = np.array([0, 0, top, left, 0, 0, bottom + extra_h, right + extra_w], np.int64)
-        new_initializers += [
-            numpy_helper.from_array(pads, f"{base}_pads"),
-            numpy_helper.from_array(block_weight, f"{base}_weight"),
-        ]
+        new_initializers.append(numpy_helper.from_array(block_weight, f"{base}_weight"))
         weight_inputs = [f"{base}_weight", *w_dq.input[1:]]
-        conv_attributes = {"kernel_shape": [bh, bw], "strides": [1, 1], "pads": [0, 0, 0, 0], "group": 1}
+        conv_attributes = {"kernel_shape": [bh, bw], "strides": [1, 1], "pads": block_pads, "group": 1}
         dropped.add(x_dq.output[0])
         if readers.get(w_dq.output[0], 0) == 1:
             dropped.add(w_dq.output[0])
-        replaced[index] = [
+        blocks_input = x_dq.input[0]
+        replaced[index] = []
+        if extra_h or extra_w:
+            pads = np.array([0, 0, 0, 0, 0, 0, extra_h, extra_w], np.int64)
+            new_initializers.append(numpy_helper.from_array(pads, f"{base}_pads"))
             # Padding the uint8 tensor with its zero point is padding the real tensor with 0.
-            helper.make_node(
-                "Pad", [x_dq.input[0], f"{base}_pads", x_dq.input[2]], [f"{base}_padded"], mode="constant"
-            ),
-            helper.make_node("SpaceToDepth", [f"{base}_padded"], [f"{base}_blocks"], blocksize=2),
+            pad_inputs = [blocks_input, f"{base}_pads", x_dq.input[2]]
+            pad = helper.make_node("Pad", pad_inputs, [f"{base}_padded"], mode="constant", name=f"{base}_pad")
+            replaced[index].append(pad)
+            blocks_input = f"{base}_padded"
+        replaced[index] += [
+            helper.make_node("SpaceToDepth", [blocks_input], [f"{base}_blocks"], blocksize=2),
             helper.make_node(
                 "DequantizeLinear", [f"{base}_blocks", *x_dq.input[1:]], [f"{base}_x"], name=f"{base}_x_dq"
             ),

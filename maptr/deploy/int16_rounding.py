@@ -1,0 +1,75 @@
+"""16-bit QuantizeLinear -> DequantizeLinear pairs removed from a Q/DQ graph before ORT's optimizer.
+
+The quantizer gives the inputs of the most sensitive operators 16-bit grids (the guide's int16 top-k).
+ONNX Runtime's CPU provider has no 16-bit compute kernel: every such operator runs as a float kernel
+between the pair, which then only rounds a float tensor to a 65536-level grid, at two memory passes per
+frame (nano: 5 pairs). Removed, the operator reads the float tensor itself, finer than the QAT model's
+16-bit grid by at most half a step (scale / 2, where the scale is range / 65535). A pair whose output
+also feeds a node that is not a ``DequantizeLinear`` stays.
+
+With the pair gone, ORT no longer sees a dequantized input in front of these linears, so its
+``WeightBiasQuantization`` does not re-quantize their weights at load time either, and the weight
+``DequantizeLinear`` nodes of those linears can be folded after ORT's optimizer like any other
+(:func:`~maptr.deploy.constant_folding.fold_constants`).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto
+
+_SIXTEEN_BIT = {TensorProto.INT16, TensorProto.UINT16}
+
+
+def _is_sixteen_bit(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+    """True for a QuantizeLinear whose zero point (which sets its output type) is a 16-bit constant."""
+    zero_point = initializers.get(node.input[2]) if len(node.input) >= 3 else None
+    return zero_point is not None and zero_point.data_type in _SIXTEEN_BIT
+
+
+def drop_int16_rounding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` without its 16-bit Q -> DQ pairs (see the module doc).
+
+    Returns:
+        the new model and the number of QuantizeLinear nodes removed (each with its DequantizeLinears).
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {output.name for output in graph.output}
+
+    replacement: dict[str, str] = {}  # a removed DQ's output -> the float tensor its Q read
+    removed: set[int] = set()  # id() of the removed nodes
+    pairs = 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or not _is_sixteen_bit(node, initializers):
+            continue
+        quantized = node.output[0]
+        consumers = readers.get(quantized, [])
+        if quantized in graph_outputs or not consumers or any(c.op_type != "DequantizeLinear" for c in consumers):
+            continue
+        if any(c.input[0] != quantized or c.output[0] in graph_outputs for c in consumers):
+            continue
+        for dequantize in consumers:
+            replacement[dequantize.output[0]] = node.input[0]
+            removed.add(id(dequantize))
+        removed.add(id(node))
+        pairs += 1
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [copy for copy, node in zip(out.graph.node, graph.node, strict=True) if id(node) not in removed]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in replacement:
+                node.input[index] = replacement[name]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    gone = set(replacement) | {n.output[0] for n in graph.node if id(n) in removed}
+    infos = [info for info in out.graph.value_info if info.name not in gone]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(infos)
+    return out, pairs
