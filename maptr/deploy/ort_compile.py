@@ -27,8 +27,9 @@
    where it is float (float rounding); QGemm's accumulate-mode bias kept it from using a second thread;
 7. the constant DQs ORT left in front of kernels that stay float are folded into float initializers
    (nothing reads their integer grid any more), except the weight and bias DQs of a float ``Gemm`` or
-   ``Conv``, which ORT would re-quantize per tensor when loading the file
-   (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`);
+   ``Conv`` whose input is dequantized, which ORT would re-quantize per tensor when loading the file
+   (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`; none left once step 4 removed
+   the 16-bit pairs);
 8. a convolution's output flattened to tokens (``Reshape(N, C, H*W) -> Transpose(0, 2, 1)``) is written
    as ``Transpose(0, 2, 3, 1) -> Reshape`` (:mod:`~maptr.deploy.conv_output_layout`), so that the
    NHWC -> NCHW transpose ORT puts after its channels-last convolution at load cancels against it;
