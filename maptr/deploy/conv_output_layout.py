@@ -19,6 +19,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from maptr.deploy.graph_index import producers as graph_producers
+from maptr.deploy.graph_index import readers as graph_readers
+
 _CONVS = ("QLinearConv", "Conv")
 
 
@@ -47,11 +50,8 @@ def flatten_conv_outputs_channels_last(model: onnx.ModelProto) -> tuple[onnx.Mod
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    producers = {name: node for node in graph.node for name in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    producers = graph_producers(graph)
+    readers = graph_readers(graph)
     graph_outputs = {out.name for out in graph.output}  # read outside the graph: must keep their values
 
     # keyed by output names: node names may be empty

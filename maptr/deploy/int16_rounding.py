@@ -18,6 +18,8 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
+from maptr.deploy.graph_index import readers as graph_readers
+
 _SIXTEEN_BIT = {TensorProto.INT16, TensorProto.UINT16}
 
 
@@ -35,10 +37,7 @@ def drop_int16_rounding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = graph_readers(graph)
     graph_outputs = {output.name for output in graph.output}
 
     replacement: dict[str, str] = {}  # a removed DQ's output -> the float tensor its Q read

@@ -23,11 +23,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from maptr.deploy.graph_index import producers as graph_producers
+
 _INT32_MAX = np.float32(2**31 - 1)
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {name: node for node in graph.node for name in node.output}
 
 
 def _constant(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
@@ -118,7 +116,7 @@ def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     out.CopyFrom(model)
     graph = out.graph
     initializers = {init.name: init for init in graph.initializer}
-    producers = _producers(graph)
+    producers = graph_producers(graph)
     new_initializers: list[onnx.TensorProto] = []
     bias_nodes: dict[int, onnx.NodeProto] = {}  # index of the Add / Gemm -> the bias DQ that goes before it
     for index, node in enumerate(graph.node):

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from maptr.deploy.graph_index import readers as graph_readers
+
 _LOWEST = {np.dtype(np.uint8): 0, np.dtype(np.int8): -128, np.dtype(np.uint16): 0, np.dtype(np.int16): -32768}
 
 
@@ -40,10 +42,7 @@ def drop_relus_before_quantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto,
     """
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = graph_readers(graph)
     graph_outputs = {out.name for out in graph.output}
 
     redundant: dict[str, str] = {}  # ReLU output -> ReLU input, for each ReLU removed

@@ -17,6 +17,8 @@ from __future__ import annotations
 import onnx
 from onnx import numpy_helper
 
+from maptr.deploy.graph_index import producers as graph_producers
+
 # Nodes whose output holds the input's elements in the same order, only with another shape.
 _SHAPE_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Flatten"}
 
@@ -41,7 +43,7 @@ def collapse_reshape_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     out.CopyFrom(model)
     graph = out.graph
     initializers = {init.name: init for init in graph.initializer}
-    producers = {name: node for node in graph.node for name in node.output}
+    producers = graph_producers(graph)
     for node in graph.node:
         if node.op_type != "Reshape" or not _constant_shape_without_zeros(node, initializers):
             continue

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from maptr.deploy.graph_index import producers as graph_producers
+
 _SYM_CHANNEL_ALIGNMENT = 4  # MLAS ConvSym's KernelInputChannelAlignment on x86
 
 
@@ -68,7 +70,7 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     inferred = onnx.shape_inference.infer_shapes(out)
     graph = out.graph
     initializers = {init.name: init for init in graph.initializer}
-    producers = {name: node for node in graph.node for name in node.output}
+    producers = graph_producers(graph)
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
