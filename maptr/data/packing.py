@@ -17,10 +17,10 @@ from pathlib import Path
 
 import lmdb
 import numpy as np
-from pyquaternion import Quaternion
 from tqdm import tqdm
 
 from maptr.atomic import atomic_dir
+from maptr.data import rigid
 from maptr.data.map_vectors import CLASS_NAMES, MapGroundTruth
 from maptr.data.records import SampleRecord
 
@@ -38,14 +38,6 @@ LMDB_MAP_SIZE = 1 << 40  # virtual size only: LMDB grows the file as it is writt
 
 class PackError(RuntimeError):
     """A nuScenes root that cannot be packed: names the file and the problem."""
-
-
-def transform_matrix(translation, rotation_wxyz) -> np.ndarray:
-    """(4, 4) rigid transform from a nuScenes translation and (w, x, y, z) quaternion."""
-    mat = np.eye(4)
-    mat[:3, :3] = Quaternion(rotation_wxyz).rotation_matrix
-    mat[:3, 3] = translation
-    return mat
 
 
 def open_nuscenes(dataroot: str | Path, version: str):
@@ -75,22 +67,26 @@ def open_nuscenes(dataroot: str | Path, version: str):
 
 
 def sample_geometry(nusc, sample: dict) -> dict:
-    """Camera and LiDAR geometry of one key frame (all (4, 4) or (3, 3) float64 arrays)."""
+    """Camera and LiDAR geometry of one key frame (all (4, 4) or (3, 3) float64 arrays).
+
+    Computed with :mod:`maptr.data.rigid`, not numpy's BLAS-backed products: the records hold these floats
+    in full, so they must come out bit-identical on every CPU for DVC to see the same ``data/packed``.
+    """
     lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
     lidar_cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
     lidar_pose = nusc.get("ego_pose", lidar_sd["ego_pose_token"])
-    lidar2ego = transform_matrix(lidar_cs["translation"], lidar_cs["rotation"])
-    ego2global = transform_matrix(lidar_pose["translation"], lidar_pose["rotation"])
-    lidar2global = ego2global @ lidar2ego
+    lidar2ego = rigid.transform_matrix(lidar_cs["translation"], lidar_cs["rotation"])
+    ego2global = rigid.transform_matrix(lidar_pose["translation"], lidar_pose["rotation"])
+    lidar2global = rigid.chain(ego2global, lidar2ego)
     out: dict = {"lidar2ego": lidar2ego, "ego2global": ego2global, "lidar2global": lidar2global}
     cams = {k: [] for k in ("paths", "sizes", "intrinsics", "cam2ego", "cam_ego2global", "lidar2img")}
     for cam in CAMERAS:
         sd = nusc.get("sample_data", sample["data"][cam])
         cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
         pose = nusc.get("ego_pose", sd["ego_pose_token"])
-        cam2ego = transform_matrix(cs["translation"], cs["rotation"])
-        cam_ego2global = transform_matrix(pose["translation"], pose["rotation"])
-        lidar2cam = np.linalg.inv(cam_ego2global @ cam2ego) @ lidar2global
+        cam2ego = rigid.transform_matrix(cs["translation"], cs["rotation"])
+        cam_ego2global = rigid.transform_matrix(pose["translation"], pose["rotation"])
+        lidar2cam = rigid.chain(rigid.inverse(rigid.chain(cam_ego2global, cam2ego)), lidar2global)
         k4 = np.eye(4)
         k4[:3, :3] = np.asarray(cs["camera_intrinsic"])
         cams["paths"].append(Path(nusc.dataroot) / sd["filename"])
@@ -98,7 +94,7 @@ def sample_geometry(nusc, sample: dict) -> dict:
         cams["intrinsics"].append(np.asarray(cs["camera_intrinsic"]))
         cams["cam2ego"].append(cam2ego)
         cams["cam_ego2global"].append(cam_ego2global)
-        cams["lidar2img"].append(k4 @ lidar2cam)
+        cams["lidar2img"].append(rigid.matmul(k4, lidar2cam))
     out.update({k: (v if k == "paths" else np.asarray(v)) for k, v in cams.items()})
     return out
 
