@@ -1,8 +1,12 @@
 """Typed view of ``params.yaml``: one dataclass per section, filled and type-checked from the file.
 
-Every stage script reads its own section with :func:`load_section`; a wrong type, an unknown key or an
-unknown preset raises :class:`ParamsError` naming the file, the key and the fix, so a typo in
-``params.yaml`` never silently falls back to a default.
+Every stage script reads its own section with :func:`load_section`; a wrong type, an unknown or missing key
+or an unknown preset raises :class:`ParamsError` naming the file, the key and the fix, so a typo in
+``params.yaml`` never silently falls back to a default: params.yaml is the one source of every knob (the
+dataclass defaults below serve code that builds configs directly, e.g. tests, never a stage).
+
+The file is read with YAML 1.2 rules (ruamel.yaml, the parser DVC itself reads and writes params with):
+``dvc exp run -S qat.lr=1e-6`` writes ``lr: 1e-06``, which YAML 1.1 readers (PyYAML) take for a string.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 T = TypeVar("T")
 
@@ -41,7 +46,7 @@ class SynthConfig:
 @dataclass
 class PackConfig:
     dataroot: str = "data/nuscenes"
-    version: str = "v1.0-trainval"
+    version: str = "auto"  # v1.0-trainval | v1.0-mini | auto: the one v1.0-* folder under dataroot
     pc_range: list[float] = field(default_factory=lambda: [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
     classes: list[str] = field(default_factory=lambda: ["divider", "ped_crossing", "boundary"])
     sample_dist: float = 1.0
@@ -51,6 +56,9 @@ class PackConfig:
 class TrainConfig:
     """A training run (the guide's float_trainer); section ``float`` (and the base of ``qat``)."""
 
+    # The command DVC runs the stage's script with (dvc.yaml: `${float.launcher} pipeline/float_train.py ...`):
+    # `python`, or `torchrun --nproc_per_node=8` for a GPU run that DVC records in dvc.lock like any other.
+    launcher: str = "python"
     seed: int = 0
     epochs: int = 4
     batch_size: int = 2
@@ -196,18 +204,29 @@ class ModelConfig:
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
 
 
+# ModelConfig fields that load_model_config fills from other keys, not from the preset block.
+MODEL_DERIVED_FIELDS = frozenset({"preset", "pretrained", "pc_range", "num_classes", "criterion"})
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading and type checking
 # --------------------------------------------------------------------------------------------------
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2 (core schema) as DVC reads it: ``1e-06``, ``1e-3`` and ``.5`` are floats; ``yes`` / ``on`` are
+    strings, not booleans."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read a params file; a missing or malformed file raises :class:`ParamsError`."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the repository root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        data = parse_yaml(path.read_text())
+    except YAMLError as exc:
+        first = " ".join(str(exc).split())  # one line: the message names the line and column
+        raise ParamsError(f"{path}: not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level, got {type(data).__name__}")
     data["__file__"] = str(path)
@@ -255,17 +274,22 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
     raise ParamsError(f"{where}: unsupported type {tp}")  # a programming error, reported the same way
 
 
-def from_dict(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors naming ``where``."""
+def from_dict(cls: type[T], data: Any, where: str, derived: frozenset[str] = frozenset()) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys, missing keys and wrong types are errors naming
+    ``where``. ``derived``: fields filled by the caller from elsewhere, never read from this mapping."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - derived
     unknown = sorted(set(data) - names)
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
+    missing = sorted(names - set(data))
+    if missing:
+        raise ParamsError(f"{where}: missing key(s) {missing}; set them in params.yaml (no knob has a default "
+                          "in the code)")  # fmt: skip
     kwargs = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -293,19 +317,22 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
     extra = sorted(set(model) - {"preset", "presets", "pretrained", "criterion"})
     if extra:
         raise ParamsError(f"{file}: model: unknown key(s) {extra}; per-preset knobs go under model.presets")
+    for key in ("pretrained", "criterion"):
+        if key not in model:
+            raise ParamsError(f"{file}: model.{key}: missing; set it in params.yaml (see the repository's file)")
     pack = load_section(params, "pack", PackConfig)
     # Every preset is checked, not only the selected one: a typo in `tiny` should fail now, not the
     # day someone runs `dvc exp run -S model.preset=tiny`.
     built = {}
     for name, block in presets.items():
         where = f"{file}: model.presets.{name}"
-        built[name] = from_dict(ModelConfig, block, where)
+        built[name] = from_dict(ModelConfig, block, where, derived=MODEL_DERIVED_FIELDS)
         built[name].pc_range = pack.pc_range
         _validate_model(built[name], where)
     cfg = built[preset]
     cfg.preset = preset
-    cfg.pretrained = _check_value(model.get("pretrained", ""), str, f"{file}: model.pretrained")
-    cfg.criterion = from_dict(CriterionConfig, model.get("criterion"), f"{file}: model.criterion")
+    cfg.pretrained = _check_value(model["pretrained"], str, f"{file}: model.pretrained")
+    cfg.criterion = from_dict(CriterionConfig, model["criterion"], f"{file}: model.criterion")
     cfg.num_classes = len(pack.classes)
     return cfg
 

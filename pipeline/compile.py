@@ -19,50 +19,59 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import CompileConfig, ParamsError, load_params, load_section
-from maptr.deploy.checker import LEVELS
-from maptr.deploy.compile_report import (
-    alternating_latency,
-    compile_markdown,
-    latency_summary,
-    model_figures,
-    profile_ops,
-)
-from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_images
-from maptr.deploy.ort_compile import optimize_and_save, outputs_match
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session
-from maptr.training.tracking import StageRun
 
 # The saved file runs the in-memory compilation's graph with the same kernels: equal up to float rounding.
 # A weight that ORT re-quantized at load time moved the scores by 1e-2.
 SAVED_MODEL_TOLERANCE = 1e-5
 
 
-def frame_inputs(path: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random normalized 8-bit images and a pinhole rig at the model's input shape (read from the file)."""
+def frame_inputs(path: str, seed: int = 0) -> dict:
+    """Random normalized 8-bit images and a pinhole rig at the model's input shape (read from the file), as
+    numpy arrays by input name."""
+    from maptr.deploy.onnx_export import pinhole_rig, random_pixel_images
+    from maptr.deploy.ort_runner import SAVED, create_session
+
     shape = create_session(path, threads=1, level=SAVED).get_inputs()[0].shape  # [1, Ncam, 3, H, W]
     img = random_pixel_images(shape, seed)  # (1, Ncam, 3, H, W)
     return {"img": img.numpy(), "lidar2img": pinhole_rig((shape[4], shape[3]), shape[1]).numpy()}
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--qdq", default="models/maptr_qdq.onnx", help="exported Q/DQ model")
     p.add_argument("--float", dest="float_model", default="models/maptr_float.onnx", help="float ONNX baseline")
     p.add_argument("--out", default="models/maptr_deploy.onnx", help="deployable (optimized) model")
     p.add_argument("--report", default="reports/compile.json")
     p.add_argument("--table", default="reports/compile.md", help="the readable table of the report")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import time
+    from dataclasses import asdict
+
+    import onnxruntime as ort
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import CompileConfig, ParamsError, load_params, load_section
+    from maptr.deploy.checker import LEVELS
+    from maptr.deploy.compile_report import (
+        alternating_latency,
+        compile_markdown,
+        latency_summary,
+        model_figures,
+        profile_ops,
+    )
+    from maptr.deploy.onnx_export import log_onnx_model
+    from maptr.deploy.ort_compile import optimize_and_save, outputs_match
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL
+    from maptr.training.tracking import StageRun
 
     params = load_params(args.params)
     cfg = load_section(params, "compile", CompileConfig)

@@ -13,24 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from maptr import cli, viz
-from maptr.atomic import write_text_atomic
-from maptr.config import TrainConfig, load_model_config, load_params, load_section
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.evaluation.chamfer_ap import precision_recall_curves
-from maptr.evaluation.inference import evaluate_model, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.models.maptr import build_maptr
-from maptr.training.checkpoint import load_checkpoint
-from maptr.training.criterion import build_criterion
-from maptr.training.distributed import cleanup, init_distributed
-from maptr.training.tracking import StageRun
-from maptr.training.trainer import Trainer
+from maptr import cli
 
 METRIC_KEYS = ("mAP", "AP_divider", "AP_ped_crossing", "AP_boundary")
 
@@ -43,11 +28,29 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     cli.add_training_arguments(p, "float")
     p.add_argument("--reports", default="reports/float", help="folder for PNG reports")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.config import TrainConfig, load_model_config, load_params, load_section
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.models.maptr import build_maptr
+    from maptr.training.criterion import build_criterion
+    from maptr.training.distributed import cleanup, init_distributed
+    from maptr.training.tracking import StageRun
+    from maptr.training.trainer import Trainer
 
     params = load_params(args.params)
     cfg = load_section(params, "float", TrainConfig)
@@ -94,12 +97,19 @@ def main() -> None:
     cleanup(ctx)
 
 
-def write_reports(args, history, model_cfg, val_set, post, ctx, run: StageRun, best_preds: dict) -> None:
+def write_reports(args, history, model_cfg, val_set, post, ctx, run, best_preds: dict) -> None:
     """Metrics of the best epoch, the curve, PNGs; everything also to MLflow.
 
     ``best_preds`` holds the val predictions of the best epoch seen by this process; a resumed run whose
     best epoch came before the interruption re-scores the best checkpoint instead.
     """
+    from maptr import viz
+    from maptr.atomic import write_text_atomic
+    from maptr.evaluation.chamfer_ap import precision_recall_curves
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.models.maptr import build_maptr
+    from maptr.training.checkpoint import load_checkpoint
+
     best = max(history, key=lambda h: h["mAP"])
     metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
     metrics.update(best_epoch=best["epoch"], epochs=len(history))

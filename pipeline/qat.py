@@ -15,31 +15,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import QATConfig, load_model_config, load_params, load_section
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.evaluation.inference import evaluate_model, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.quant.qat import EpochSlices, check_fixed_activation_scales, exclude_quant_buffers_from_ddp
-from maptr.quant.quantizer import build_model_from_checkpoint
-from maptr.training.checkpoint import load_checkpoint
-from maptr.training.criterion import build_criterion
-from maptr.training.distributed import cleanup, init_distributed
-from maptr.training.tracking import StageRun
-from maptr.training.trainer import Trainer
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     cli.add_training_arguments(p, "qat")
     p.add_argument("--calibration-checkpoint", default="models/calibration-checkpoint-best.pt", help="start")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import QATConfig, load_model_config, load_params, load_section
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.quant.qat import EpochSlices, check_fixed_activation_scales, exclude_quant_buffers_from_ddp
+    from maptr.quant.quantizer import build_model_from_checkpoint
+    from maptr.training.checkpoint import load_checkpoint
+    from maptr.training.criterion import build_criterion
+    from maptr.training.distributed import cleanup, init_distributed
+    from maptr.training.tracking import StageRun
+    from maptr.training.trainer import Trainer
 
     params = load_params(args.params)
     cfg = load_section(params, "qat", QATConfig)

@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from maptr.config import SynthConfig, load_params, load_section
-from maptr.data.synthetic import generate_world
+from maptr import cli
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (section `synth`)")
     parser.add_argument("--out", default="data/nuscenes", help="dataroot to create (replaced if it exists)")
@@ -32,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="processes rendering scenes (default: all cores); the output does not depend on it",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    return parser
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -43,7 +41,11 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    # Imported after parsing: `--help` answers without loading the renderer.
+    from maptr.config import SynthConfig, load_params, load_section
+    from maptr.data.synthetic import generate_world
+
     cfg = load_section(load_params(args.params), "synth", SynthConfig)
     start = time.perf_counter()
     stats = generate_world(
@@ -71,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -40,6 +40,21 @@ class PackError(RuntimeError):
     """A nuScenes root that cannot be packed: names the file and the problem."""
 
 
+def resolve_version(dataroot: str | Path, version: str) -> str:
+    """``version`` itself, or for ``auto`` the one ``v1.0-*`` table folder under ``dataroot``: a real nuScenes
+    root then needs only ``-S pack.dataroot=...``, whether it holds v1.0-mini or v1.0-trainval."""
+    if version != "auto":
+        return version
+    root = Path(dataroot)
+    if not root.is_dir():
+        raise PackError(f"{root}: nuScenes root not found (pack.dataroot in params.yaml)")
+    found = sorted(p.name for p in root.glob("v1.0-*") if p.is_dir())
+    if len(found) != 1:
+        held = f"holds {', '.join(found)}" if found else "holds no v1.0-* table folder"
+        raise PackError(f"{root} {held}: set pack.version to the one to pack ({', '.join(sorted(SPLITS))})")
+    return found[0]
+
+
 def open_nuscenes(dataroot: str | Path, version: str):
     """``NuScenes(version, dataroot)`` with errors that name the missing or malformed table."""
     from nuscenes.nuscenes import NuScenes
@@ -111,7 +126,7 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
 
     Args:
         dataroot: nuScenes root holding ``<version>/``, ``samples/`` and ``maps/expansion/``.
-        version: ``v1.0-trainval`` or ``v1.0-mini``.
+        version: ``v1.0-trainval``, ``v1.0-mini`` or ``auto`` (:func:`resolve_version`).
         out: output folder (replaced when packing succeeds, untouched when it fails).
         pc_range: perception range in the LiDAR frame, [x0, y0, z0, x1, y1, z1].
         classes: must be the three MapTR classes, in order.
@@ -120,6 +135,7 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
 
     if tuple(classes) != CLASS_NAMES:
         raise PackError(f"pack.classes: expected {list(CLASS_NAMES)} (the MapTR classes), got {classes}")
+    version = resolve_version(dataroot, version)
     if version not in SPLITS:
         raise PackError(f"pack.version: {version!r} is not one of {sorted(SPLITS)}")
     nusc = open_nuscenes(dataroot, version)

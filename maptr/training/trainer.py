@@ -250,10 +250,12 @@ class Trainer:
             metrics = self.validate(self.model)
             mean_loss = self.state.epoch_loss_sum / max(self.state.step_in_epoch, 1)
             train_loss = mean_across_ranks({"loss": mean_loss}, ctx)["loss"]
-            record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss,
-                      "epoch_seconds": seconds, **metrics}  # fmt: skip
+            # No wall-clock figure in the history: it goes into every checkpoint and the DVC-tracked curve,
+            # and must not change their bytes between two runs of the same inputs (MLflow gets the time).
+            record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss, **metrics}
             self.state.history.append(record)
-            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()} | {"train_loss_epoch": train_loss},
+            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}
+                                     | {"train_loss_epoch": train_loss, "epoch_seconds": seconds},
                                      step=self.state.global_step)  # fmt: skip
             if ctx.is_main:
                 tqdm.write(f"{self.stage} epoch {epoch + 1}: val mAP {metrics['mAP']:.4f}, loss {train_loss:.3f}, "
