@@ -48,7 +48,9 @@ def write_micro_params(tmp_path: Path, **sections) -> Path:
     (``float={"epochs": 1}``)."""
     import yaml
 
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    from maptr.config import parse_yaml  # YAML 1.2, as DVC writes params (PyYAML reads 1e-06 as a string)
+
+    data = parse_yaml((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     data["model"]["presets"]["micro"] = dict(MICRO_PRESET)
     data["model"]["preset"] = "micro"
     for name, values in sections.items():

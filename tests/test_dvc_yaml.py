@@ -129,6 +129,15 @@ def test_only_the_ladder_is_a_dvc_metric():
                                                                  "latency")]  # fmt: skip
 
 
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_stage_can_enter_the_run_cache(name):
+    """DVC saves no stage with a plain (not metric / plot) `cache: false` output to its run cache, and then
+    reruns it, and everything after it, where it could have restored the earlier result."""
+    uncached = [entry_name(e) for e in STAGES[name].get("outs", []) if isinstance(e, dict)
+                and next(iter(e.values())).get("cache") is False]  # fmt: skip
+    assert not uncached, f"stage {name}: {uncached} are `cache: false` outs"
+
+
 def test_ladder_stage_writes_the_declared_metrics_and_plot(tmp_path):
     """pipeline/ladder.py on made-up stage metrics: one file per row, the four stages as keys, in order."""
     stage = STAGES["ladder"]
