@@ -228,23 +228,27 @@ def reference_ap(preds: list[dict], gts: list[dict], cls: int, thr: float) -> fl
 
 
 def random_scenes(seed: int, num_samples: int, short: bool) -> tuple[list[dict], list[dict]]:
-    """Noisy copies of random GT plus random lines; with ``short``, elements of 0.5-3 m, many of them
-    end to end, where the buffer rule decides."""
+    """Noisy copies of random GT plus random lines. With ``short``: straight elements of 0.5-2 m, the
+    copies slid along their GT past its end (gaps of 0-1 m, small lateral offsets), where the buffer
+    rule decides."""
     rng = np.random.default_rng(seed)
     preds, gts = [], []
     for _ in range(num_samples):
         num_gt = int(rng.integers(0, 6))
-        step = rng.uniform(0.03, 0.15) if short else 1.0
-        gt_vec = rng.uniform(-15, 15, size=(num_gt, 1, 2)) + np.cumsum(rng.normal(0, step, size=(num_gt, 20, 2)), 1)
-        gt_lab = rng.integers(0, 3, size=num_gt)
         src = rng.integers(0, max(num_gt, 1), size=8)
-        if num_gt:
-            noisy = gt_vec[src] + rng.normal(0, 0.6, size=(8, 1, 2))
-            if short:  # slide copies along their own direction: end to end with their GT
-                direction = gt_vec[src, -1:] - gt_vec[src, :1]
-                noisy = noisy + direction * rng.uniform(0.8, 1.6, size=(8, 1, 1))
+        if short and num_gt:
+            start = rng.uniform(-15, 15, size=(num_gt, 1, 2))
+            heading = rng.uniform(0, 2 * np.pi, size=(num_gt, 1, 1))
+            unit = np.concatenate([np.cos(heading), np.sin(heading)], axis=2)  # (num_gt, 1, 2)
+            length = rng.uniform(0.5, 2.0, size=(num_gt, 1, 1))
+            gt_vec = start + unit * length * np.linspace(0, 1, 20)[None, :, None]
+            slide = length[src] + rng.uniform(-0.2, 1.0, size=(8, 1, 1))
+            normal = unit[src][..., ::-1] * np.array([-1.0, 1.0])
+            noisy = gt_vec[src] + unit[src] * slide + normal * rng.normal(0, 0.3, size=(8, 1, 1))
         else:
-            noisy = rng.normal(0, 5, size=(8, 20, 2))
+            gt_vec = rng.uniform(-15, 15, size=(num_gt, 1, 2)) + np.cumsum(rng.normal(0, 1, size=(num_gt, 20, 2)), 1)
+            noisy = gt_vec[src] + rng.normal(0, 0.6, size=(8, 1, 2)) if num_gt else rng.normal(0, 5, size=(8, 20, 2))
+        gt_lab = rng.integers(0, 3, size=num_gt)
         pred_lab = gt_lab[src] if num_gt else rng.integers(0, 3, size=8)
         gts.append({"vectors": gt_vec, "labels": gt_lab})
         preds.append({"vectors": noisy, "labels": pred_lab, "scores": rng.random(8)})
@@ -311,11 +315,12 @@ def test_prediction_with_fewer_than_two_vertices_is_dropped() -> None:
     assert evaluate(preds, gts)["AP_divider"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("offset", [0.5, 1.0, 1.5])
-def test_prediction_exactly_at_a_threshold_is_a_true_positive(offset: float) -> None:
-    # float64 gives exactly the offset (MapTR: TP); float32 alone gives 0.50000006 (a FP).
-    gts = [sample([line(0, -20, 0, 20)], [0])]
-    preds = [sample([line(offset, -20, offset, 20)], [0], [0.9])]
+@pytest.mark.parametrize(("x", "y0", "y1", "offset"), [(10, -26, 10, 0.5), (4, -6, 18, 1.0), (0, -20, 20, 1.5)])
+def test_prediction_exactly_at_a_threshold_is_a_true_positive(x: float, y0: float, y1: float, offset: float) -> None:
+    # float64 gives exactly the offset (MapTR: TP); on the first two lines float32 alone gives
+    # 0.50000006 and 1.0000001 (a FP).
+    gts = [sample([line(x, y0, x, y1)], [0])]
+    preds = [sample([line(x + offset, y0, x + offset, y1)], [0], [0.9])]
     curve = precision_recall_curves(preds, gts, thresholds=(offset,))[0][0]
     assert curve.tp.tolist() == [True]
 
