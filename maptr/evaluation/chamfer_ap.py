@@ -164,7 +164,10 @@ def _stack_polylines(vectors: Any) -> tuple[torch.Tensor, np.ndarray]:
         return torch.zeros(len(items), 1, 2, dtype=torch.float64), counts
     max_len = int(counts.max())
     padded = np.stack(
-        [np.concatenate([v, np.repeat(v[-1:], max_len - len(v), axis=0)]) if len(v) else np.zeros((max_len, 2)) for v in items]
+        [
+            np.concatenate([v, np.repeat(v[-1:] if len(v) else np.zeros((1, 2)), max_len - len(v), axis=0)])
+            for v in items
+        ]
     )
     return torch.from_numpy(padded), counts  # (N, max_len, 2), tails repeat the last vertex
 
@@ -236,9 +239,7 @@ def _flatten(samples: Sequence[dict[str, Any]], num_classes: int, with_scores: b
     bounds = np.searchsorted(key[order], np.arange(len(samples) * num_classes + 1))
     perm = torch.from_numpy(order)
     points64 = points64[perm]
-    return _Flat(
-        points64.float(), points64, has_length[order], labels_all[order], scores_all[order], order, bounds
-    )
+    return _Flat(points64.float(), points64, has_length[order], labels_all[order], scores_all[order], order, bounds)
 
 
 # --------------------------------------------------------------------------------------------------
