@@ -11,9 +11,9 @@ MapTR tests every pair with shapely. Here the rule is decided in two steps:
    within ``width`` that is strictly closer than both of B's end points, the buffers intersect (the
    same with A and B swapped). This reads only what the chamfer distance already computes: the
    squared distance matrix of the two point sets.
-2. **The exact test, only where step 1 cannot decide and the decision matters:** pairs whose chamfer
-   distance is within the largest threshold (farther pairs are false positives whatever the rule
-   says). Those few pairs are buffered and intersected with shapely, as MapTR does.
+2. **The exact test, only where step 1 cannot decide.** Both steps run only on the pairs whose chamfer
+   distance is within the largest threshold: farther pairs are false positives whatever the rule says.
+   The few pairs step 1 leaves are buffered and intersected with shapely, as MapTR does.
 
 A zero-length line buffers to an empty shape, so it never intersects anything.
 """
@@ -31,29 +31,38 @@ _WIDTH_MARGIN = 1e-2  # meters
 _ORDER_MARGIN = 1e-2  # squared meters
 
 
-def sure_overlap(sq: torch.Tensor, num_pred: int, s_pred: int, num_gt: int, s_gt: int, width: float) -> torch.Tensor:
-    """Pairs whose buffers certainly intersect, from the squared distance matrix (step 1 above).
+def sure_overlap(
+    sq: torch.Tensor,
+    nearest_gt: torch.Tensor,
+    nearest_pred: torch.Tensor,
+    pairs: torch.Tensor,
+    shape: tuple[int, int, int, int],
+    width: float,
+) -> torch.Tensor:
+    """Which of the given pairs certainly have intersecting buffers (step 1 above).
 
     Args:
         sq: (Np*S, Ng*S2) squared distances between every resampled prediction point and GT point.
-        num_pred, s_pred, num_gt, s_gt: the shapes it was built from.
+        nearest_gt: (Np*S, Ng) its minimum over each GT line's points.
+        nearest_pred: (Np, Ng*S2) its minimum over each prediction line's points.
+        pairs: (K, 2) int64 (prediction, GT) indices to decide.
+        shape: (Np, S, Ng, S2), the shapes ``sq`` was built from.
         width: buffer width in meters.
     Returns:
-        (Np, Ng) bool: True where the buffers intersect for sure; False means "undecided".
+        (K,) bool: True where the buffers intersect for sure; False means "undecided".
     """
+    num_pred, s_pred, num_gt, s_gt = shape
+    i, j = pairs[:, 0], pairs[:, 1]
     reach = (width - _WIDTH_MARGIN) ** 2
-    # Prediction points against each GT line: nearest GT sample vs the GT's two end samples.
-    per_gt = sq.view(num_pred * s_pred, num_gt, s_gt)  # (Np*S, Ng, S2)
-    nearest_gt = per_gt.amin(dim=2)  # (Np*S, Ng)
-    ends_gt = torch.minimum(per_gt[:, :, 0], per_gt[:, :, -1])  # (Np*S, Ng)
-    inside_gt = (nearest_gt <= reach) & (nearest_gt + _ORDER_MARGIN < ends_gt)
-    pred_in_gt = inside_gt.view(num_pred, s_pred, num_gt).any(dim=1)  # (Np, Ng)
-    # GT points against each prediction line.
-    per_pred = sq.view(num_pred, s_pred, num_gt * s_gt)  # (Np, S, Ng*S2)
-    nearest_pred = per_pred.amin(dim=1)  # (Np, Ng*S2)
-    ends_pred = torch.minimum(per_pred[:, 0], per_pred[:, -1])  # (Np, Ng*S2)
-    inside_pred = (nearest_pred <= reach) & (nearest_pred + _ORDER_MARGIN < ends_pred)
-    gt_in_pred = inside_pred.view(num_pred, num_gt, s_gt).any(dim=2)  # (Np, Ng)
+    sq4 = sq.view(num_pred, s_pred, num_gt, s_gt)
+    # Prediction points against the GT line: nearest GT sample vs the GT's two end samples.
+    near = nearest_gt.view(num_pred, s_pred, num_gt)[i, :, j]  # (K, S)
+    ends = torch.minimum(sq4[i, :, j, 0], sq4[i, :, j, -1])  # (K, S)
+    pred_in_gt = ((near <= reach) & (near + _ORDER_MARGIN < ends)).any(dim=1)  # (K,)
+    # GT points against the prediction line.
+    near = nearest_pred.view(num_pred, num_gt, s_gt)[i, j]  # (K, S2)
+    ends = torch.minimum(sq4[i, 0, j, :], sq4[i, -1, j, :])  # (K, S2)
+    gt_in_pred = ((near <= reach) & (near + _ORDER_MARGIN < ends)).any(dim=1)  # (K,)
     return pred_in_gt | gt_in_pred
 
 
