@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
+from shapely.geometry import LineString
 
 from maptr.data.vectors import resample_polyline
 from maptr.evaluation import evaluate, precision_recall_curves
-from maptr.evaluation.chamfer_ap import average_precision, chamfer_distance_matrix, resample_polylines
+from maptr.evaluation.buffer_overlap import buffers_intersect, sure_overlap
+from maptr.evaluation.chamfer_ap import (
+    _nearest,
+    _squared_distances,
+    average_precision,
+    chamfer_distance_matrix,
+    resample_polylines,
+)
 
 
 def line(x0: float, y0: float, x1: float, y1: float, num: int = 20) -> np.ndarray:
@@ -183,19 +195,31 @@ def test_input_errors() -> None:
         evaluate([sample([line(0, -20, 0, 20)], [0], [0.5, 0.4])], gts)
 
 
+def _buffer(points: np.ndarray):
+    return LineString(points).buffer(2.0, cap_style="flat", join_style="mitre")
+
+
 def reference_ap(preds: list[dict], gts: list[dict], cls: int, thr: float) -> float:
-    """The protocol written as loops, per sample then sorted over the dataset, for cross-checking."""
+    """MapTR's protocol written as loops over samples and pairs (float64, one shapely buffer test per
+    pair, predictions with < 2 vertices dropped), then sorted over the dataset, for cross-checking."""
     flags, scores, num_gt = [], [], 0
     for p, g in zip(preds, gts, strict=True):
         gt_lines = [resample_polyline(v, 100) for v, lab in zip(g["vectors"], g["labels"], strict=True) if lab == cls]
         mine = [
-            (s, resample_polyline(v, 100)) for v, lab, s in zip(p["vectors"], p["labels"], p["scores"], strict=True)
+            (s, resample_polyline(v, 100))
+            for v, lab, s in zip(p["vectors"], p["labels"], p["scores"], strict=True)
+            if lab == cls and len(v) >= 2
         ]
-        mine = sorted([m for m, lab in zip(mine, p["labels"], strict=True) if lab == cls], key=lambda m: -m[0])
+        mine = sorted(mine, key=lambda m: -m[0])
         num_gt += len(gt_lines)
         covered = [False] * len(gt_lines)
         for score, pts in mine:
-            cds = [(cdist(pts, q).min(1).mean() + cdist(pts, q).min(0).mean()) / 2 for q in gt_lines]
+            cds = [
+                (cdist(pts, q).min(1).mean() + cdist(pts, q).min(0).mean()) / 2
+                if _buffer(pts).intersects(_buffer(q))
+                else np.inf
+                for q in gt_lines
+            ]
             j = int(np.argmin(cds)) if cds else -1
             tp = j >= 0 and cds[j] <= thr and not covered[j]
             if tp:
@@ -210,20 +234,163 @@ def reference_ap(preds: list[dict], gts: list[dict], cls: int, thr: float) -> fl
     return average_precision(recall, precision)
 
 
-def test_matches_loop_reference_on_random_scenes() -> None:
-    rng = np.random.default_rng(3)
+def random_scenes(seed: int, num_samples: int, short: bool) -> tuple[list[dict], list[dict]]:
+    """Noisy copies of random GT plus random lines. With ``short``: straight elements of 0.5-2 m, the
+    copies slid along their GT past its end (gaps of 0-1 m, small lateral offsets), where the buffer
+    rule decides."""
+    rng = np.random.default_rng(seed)
     preds, gts = [], []
-    for _ in range(12):
+    for _ in range(num_samples):
         num_gt = int(rng.integers(0, 6))
-        gt_vec = rng.uniform(-15, 15, size=(num_gt, 1, 2)) + np.cumsum(rng.normal(0, 1, size=(num_gt, 20, 2)), 1)
-        gt_lab = rng.integers(0, 3, size=num_gt)
         src = rng.integers(0, max(num_gt, 1), size=8)
-        noisy = gt_vec[src] + rng.normal(0, 0.6, size=(8, 1, 2)) if num_gt else rng.normal(0, 5, size=(8, 20, 2))
+        if short and num_gt:
+            start = rng.uniform(-15, 15, size=(num_gt, 1, 2))
+            heading = rng.uniform(0, 2 * np.pi, size=(num_gt, 1, 1))
+            unit = np.concatenate([np.cos(heading), np.sin(heading)], axis=2)  # (num_gt, 1, 2)
+            length = rng.uniform(0.5, 2.0, size=(num_gt, 1, 1))
+            gt_vec = start + unit * length * np.linspace(0, 1, 20)[None, :, None]
+            slide = length[src] + rng.uniform(-0.2, 1.0, size=(8, 1, 1))
+            normal = unit[src][..., ::-1] * np.array([-1.0, 1.0])
+            noisy = gt_vec[src] + unit[src] * slide + normal * rng.normal(0, 0.3, size=(8, 1, 1))
+        else:
+            gt_vec = rng.uniform(-15, 15, size=(num_gt, 1, 2)) + np.cumsum(rng.normal(0, 1, size=(num_gt, 20, 2)), 1)
+            noisy = gt_vec[src] + rng.normal(0, 0.6, size=(8, 1, 2)) if num_gt else rng.normal(0, 5, size=(8, 20, 2))
+        gt_lab = rng.integers(0, 3, size=num_gt)
         pred_lab = gt_lab[src] if num_gt else rng.integers(0, 3, size=8)
         gts.append({"vectors": gt_vec, "labels": gt_lab})
         preds.append({"vectors": noisy, "labels": pred_lab, "scores": rng.random(8)})
+    return preds, gts
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_matches_loop_reference_on_random_scenes(short: bool) -> None:
+    preds, gts = random_scenes(3, 12 if not short else 40, short)
     metrics = evaluate(preds, gts)
     for cls, name in enumerate(("divider", "ped_crossing", "boundary")):
         for thr in (0.5, 1.0, 1.5):
             assert metrics[f"AP_{name}_{thr}"] == pytest.approx(reference_ap(preds, gts, cls, thr), abs=1e-6)
     assert 0.0 < metrics["mAP"] < 1.0  # a non-trivial case: some TPs, some FPs
+
+
+# --------------------------------------------------------------------------------------------------
+# MapTR's rules: buffers, degenerate predictions, thresholds, ties
+# --------------------------------------------------------------------------------------------------
+def test_short_elements_end_to_end_never_match() -> None:
+    # GT 1 m long, the prediction 1 m long starting 0.5 m past its end: chamfer 1.0 m, but the 2 m
+    # flat-capped buffers do not touch, so MapTR never scores the pair (AP 0/0/0, not 0/1/1).
+    gts = [sample([line(0, 0, 0, 1)], [0])]
+    preds = [sample([line(0, 1.5, 0, 2.5)], [0], [0.9])]
+    cd = chamfer_distance_matrix(resample_polylines(torch.from_numpy(preds[0]["vectors"]).double()),
+                                 resample_polylines(torch.from_numpy(gts[0]["vectors"]).double()))  # fmt: skip
+    assert cd.item() == pytest.approx(1.0, abs=1e-9)
+    metrics = evaluate(preds, gts)
+    assert [metrics[f"AP_divider_{t}"] for t in ("0.5", "1.0", "1.5")] == [0.0, 0.0, 0.0]
+
+
+def test_buffers_side_by_side_do_match() -> None:
+    # The same two short elements side by side, 1 m apart: buffers overlap, a TP at 1.0 m and 1.5 m.
+    gts = [sample([line(0, 0, 0, 1)], [0])]
+    preds = [sample([line(1, 0, 1, 1)], [0], [0.9])]
+    metrics = evaluate(preds, gts)
+    assert [metrics[f"AP_divider_{t}"] for t in ("0.5", "1.0", "1.5")] == [0.0, 1.0, 1.0]
+
+
+def test_nearest_gt_whose_buffer_misses_is_skipped_for_the_next() -> None:
+    # GT a (end to end with the prediction, chamfer 1.0) is nearer than GT b (side by side, 1.2 m);
+    # a's buffer misses, so the prediction is scored against b: a TP at 1.5 m only.
+    gts = [sample([line(0, 0, 0, 1), line(1.2, 1.5, 1.2, 2.5)], [0, 0])]
+    preds = [sample([line(0, 1.5, 0, 2.5)], [0], [0.9])]
+    curves = precision_recall_curves(preds, gts, thresholds=(1.0, 1.5))[0]
+    assert [bool(c.tp[0]) for c in curves] == [False, True]
+
+
+def test_zero_length_prediction_is_a_false_positive() -> None:
+    # A prediction collapsed to one point lying on the GT: chamfer 0.25 m, but its buffer is empty.
+    gts = [sample([line(0, 0, 0, 1)], [0])]
+    point = np.repeat([[0.0, 0.5]], 20, axis=0)
+    preds = [sample([point, line(0, 0, 0, 1)], [0, 0], [0.9, 0.5])]
+    curve = precision_recall_curves(preds, gts, thresholds=(0.5,))[0][0]
+    np.testing.assert_array_equal(curve.tp, [False, True])
+    assert curve.ap == pytest.approx(0.5)
+
+
+def test_prediction_with_fewer_than_two_vertices_is_dropped() -> None:
+    gts = [{"vectors": [line(0, -20, 0, 20)], "labels": [0]}]
+    preds = [{"vectors": [np.array([[9.0, 9.0]]), line(0, -20, 0, 20)], "labels": [0, 0], "scores": [0.9, 0.5]}]
+    curve = precision_recall_curves(preds, gts, thresholds=(0.5,))[0][0]
+    assert len(curve.tp) == 1 and curve.tp[0]  # neither TP nor FP: the AP is 1, not 0.5
+    assert evaluate(preds, gts)["AP_divider"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("x", "y0", "y1", "offset"), [(10, -26, 10, 0.5), (4, -6, 18, 1.0), (0, -20, 20, 1.5)])
+def test_prediction_exactly_at_a_threshold_is_a_true_positive(x: float, y0: float, y1: float, offset: float) -> None:
+    # float64 gives exactly the offset (MapTR: TP); on the first two lines float32 alone gives
+    # 0.50000006 and 1.0000001 (a FP).
+    gts = [sample([line(x, y0, x, y1)], [0])]
+    preds = [sample([line(x + offset, y0, x + offset, y1)], [0], [0.9])]
+    curve = precision_recall_curves(preds, gts, thresholds=(offset,))[0][0]
+    assert curve.tp.tolist() == [True]
+
+
+def test_prediction_of_exactly_100_vertices_is_used_as_given() -> None:
+    # 100 vertices bunched at one end: MapTR scores them as given; resampled they would be spread out.
+    ys = np.concatenate([np.linspace(0, 1, 99), [20.0]])
+    bunched = np.stack([np.full(100, 0.3), ys], axis=1)
+    gt_pts = resample_polyline(line(0, 0, 0, 20), 100)
+
+    def chamfer(a: np.ndarray) -> float:
+        d = cdist(a, gt_pts)
+        return (d.min(1).mean() + d.min(0).mean()) / 2
+
+    as_given, resampled = chamfer(bunched), chamfer(resample_polyline(bunched, 100))
+    assert abs(as_given - resampled) > 0.5  # the rule matters for this line
+    gts = [sample([line(0, 0, 0, 20)], [0])]
+    preds = [{"vectors": bunched[None], "labels": [0], "scores": [0.9]}]
+    curves = precision_recall_curves(preds, gts, thresholds=(as_given + 1e-3, as_given - 1e-3))[0]
+    assert [bool(c.tp[0]) for c in curves] == [True, False]
+
+
+def test_tied_scores_are_ordered_by_sample_then_position() -> None:
+    # Equal scores: sample 0's FP ranks before sample 1's TP (precision 0 then 1/2), so AP = 0.5.
+    gts = [sample([line(0, -20, 0, 20)], [0]), sample([line(0, -20, 0, 20)], [0])]
+    preds = [sample([line(9, -20, 9, 20)], [0], [0.7]), sample([line(0, -20, 0, 20)], [0], [0.7])]
+    curve = precision_recall_curves(preds, gts, thresholds=(0.5,))[0][0]
+    np.testing.assert_array_equal(curve.tp, [False, True])
+    swapped = precision_recall_curves(preds[::-1], gts[::-1], thresholds=(0.5,))[0][0]
+    np.testing.assert_array_equal(swapped.tp, [True, False])
+
+
+def test_one_input_gives_one_value_across_processes() -> None:
+    code = (
+        "import numpy as np, sys; sys.path.insert(0, 'tests');"
+        "from test_chamfer_ap import random_scenes; from maptr.evaluation import evaluate;"
+        "p, g = random_scenes(5, 30, True);"
+        "[d.update(scores=np.round(d['scores'], 1)) for d in p];"  # many ties
+        "print(repr(evaluate(p, g)['mAP']))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}  # fmt: skip
+    assert len(outs) == 1 and float(outs.pop()) > 0
+
+
+def test_sure_overlap_never_claims_buffers_that_shapely_finds_apart() -> None:
+    # The vectorized sufficient test may leave a pair undecided, never decide one wrongly: random lines
+    # with sharp zigzags (mitre joins) and short ones (flat caps), against shapely on every pair.
+    rng = np.random.default_rng(0)
+    sure_total = 0
+    for trial in range(60):
+        k = int(rng.integers(2, 8))
+        steps = rng.normal(0, rng.choice([0.3, 1.0, 3.0]), size=(12, k - 1, 2))
+        steps[:, 1::2] *= -1.0 if trial % 2 else 1.0
+        start = rng.uniform(-10, 10, size=(12, 1, 2))
+        lines = resample_polylines(torch.from_numpy(np.concatenate([start, start + steps.cumsum(1)], 1)))
+        a, b = lines[:6], lines[6:]
+        shape = (6, 100, 6, 100)
+        sq = _squared_distances(a.float(), b.float())
+        pairs = torch.cartesian_prod(torch.arange(6), torch.arange(6))
+        sure = sure_overlap(sq, *_nearest(sq, *shape), pairs, shape, 2.0).numpy()
+        exact = buffers_intersect(a.numpy()[pairs[:, 0]], b.numpy()[pairs[:, 1]])
+        assert not (sure & ~exact).any()
+        sure_total += int(sure.sum())
+    assert sure_total > 200  # and it decides most overlapping pairs itself

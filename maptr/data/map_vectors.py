@@ -1,75 +1,123 @@
-"""Vectorized map ground truth from a nuScenes map expansion, in MapTR's LiDAR frame.
+"""Vectorized map ground truth from a nuScenes map expansion, as hustvl/MapTR defines it.
 
-For each sample the map is cropped to the perception range around the LiDAR (``lidar2global =
-ego2global @ lidar2ego``) and turned into polylines in meters, x right, y forward:
+The rules are those of MapTR's ``VectorizedLocalMap`` (maptrv2 branch,
+``tools/maptrv2/custom_nusc_map_converter.py``; the main branch's dataset has the same rules for these
+three classes), written anew here:
 
-- ``divider``: road_divider and lane_divider lines, clipped to the range;
-- ``ped_crossing``: ped_crossing polygons merged (union), their rings clipped to the range;
-- ``boundary``: rings of the union of road_segment and lane polygons, clipped to the range.
+- **Frame.** The map patch is the perception range centered on the LiDAR and rotated by the YAW of
+  ``lidar2global`` only; map geometry is clipped to it in global coordinates, then rotated by -yaw about
+  the LiDAR's position and translated to it: x right, y forward, in meters. Pitch, roll and the LiDAR's
+  height play no part. Deliberate consequence, kept as MapTR has it: the camera geometry
+  (``lidar2img``, built in :mod:`maptr.data.packing`) is the full 3D transform, so on a tilted LiDAR the
+  GT frame and the camera frame differ by the tilt times the LiDAR's height (~5 cm on nuScenes).
+- ``divider``: every road_divider and lane_divider line clipped to the patch; each piece of a line cut
+  into several pieces is its own instance (no merging).
+- ``ped_crossing``: the VALID ped_crossing polygons (invalid ones are skipped) clipped to the patch and
+  merged (union). Each exterior ring, made clockwise, and each hole, made counter-clockwise, is clipped
+  by a box 0.2 m LARGER than the range, so a crossing cut by the range edge stays a closed ring.
+- ``boundary``: the union of the valid road_segment polygons and of the valid lane polygons, each
+  clipped to the patch; its rings (exteriors clockwise, holes counter-clockwise) clipped by a box 0.2 m
+  SMALLER than the range, so boundaries end at +-14.8 / +-29.8 m and a ring running along the range edge
+  leaves no sliver on it. Pieces of one ring are joined with ``linemerge``.
 
 The devkit reads the map (``NuScenesMap``, ``extract_line``, ``extract_polygon``); the spatial query uses
-one shapely STRtree per layer instead of ``get_records_in_patch``, which tests every record of the city
-in Python for every sample.
+one shapely STRtree per layer (its hits taken in record order) instead of testing every record of the
+city for every sample. Centerlines are not among this pipeline's classes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from shapely import affinity, ops
-from shapely.geometry import GeometryCollection, LinearRing, LineString, MultiLineString, Polygon, box
+from shapely.geometry import LinearRing, LineString, MultiLineString, MultiPolygon, Polygon, box
 from shapely.strtree import STRtree
 
 CLASS_NAMES = ("divider", "ped_crossing", "boundary")
 DIVIDER_LAYERS = ("road_divider", "lane_divider")
 BOUNDARY_LAYERS = ("road_segment", "lane")
+CROSSING_MARGIN = 0.2  # meters the crossing rings' clip box extends PAST the range
+BOUNDARY_MARGIN = 0.2  # meters the boundary rings' clip box stays INSIDE the range
 
 
 @dataclass
 class MapInstance:
-    """One ground-truth map element: (K, 2) polyline in meters (closed when first == last) and its class."""
+    """One ground-truth map element: (K, 2) float64 polyline in meters (closed when first == last)."""
 
     points: np.ndarray
     label: int
 
 
 class LayerIndex:
-    """Shapely geometries of one kind of map record with an STRtree for patch queries."""
+    """Shapely geometries of one kind of map record, in record order, with an STRtree for queries."""
 
     def __init__(self, geoms: list) -> None:
         self.geoms = [g for g in geoms if g is not None and not g.is_empty]
         self.tree = STRtree(self.geoms) if self.geoms else None
 
     def query(self, region: Polygon) -> list:
+        """The geometries whose envelope meets ``region``, in record order (the tree's order is not)."""
         if self.tree is None:
             return []
-        return [self.geoms[i] for i in self.tree.query(region, predicate="intersects")]
+        return [self.geoms[i] for i in sorted(self.tree.query(region))]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """The perception range around one LiDAR pose: its polygon in global coordinates and the
+    global -> LiDAR-patch transform (MapTR's: rotation by -yaw about the LiDAR, then translation)."""
+
+    polygon: Polygon  # the range in global coordinates
+    x: float  # LiDAR position in the global frame
+    y: float
+    yaw_degrees: float  # yaw of lidar2global
+
+    def to_local(self, geom):
+        rotated = affinity.rotate(geom, -self.yaw_degrees, origin=(self.x, self.y), use_radians=False)
+        return affinity.affine_transform(rotated, [1.0, 0.0, 0.0, 1.0, -self.x, -self.y])
+
+
+def lidar_patch(lidar2global: np.ndarray, pc_range: list[float]) -> Patch:
+    """The map patch of a LiDAR pose: range [x0, y0, _, x1, y1, _] around the LiDAR, rotated by its yaw.
+
+    Args:
+        lidar2global: (4, 4) LiDAR -> global transform; only its x, y translation and its yaw are used.
+    """
+    x, y = float(lidar2global[0, 3]), float(lidar2global[1, 3])
+    # Yaw of the rotation: the heading of its x axis in the global x-y plane (the devkit's quaternion_yaw).
+    yaw = math.atan2(lidar2global[1, 0], lidar2global[0, 0])
+    yaw_degrees = yaw / math.pi * 180.0
+    x0, y0, _, x1, y1, _ = pc_range
+    polygon = affinity.rotate(box(x + x0, y + y0, x + x1, y + y1), yaw_degrees, origin=(x, y), use_radians=False)
+    return Patch(polygon=polygon, x=x, y=y, yaw_degrees=yaw_degrees)
 
 
 class MapGroundTruth:
     """Map ground truth extractor for one nuScenes location.
 
     Args:
-        nusc_map: a ``nuscenes.map_expansion.map_api.NuScenesMap``.
+        nusc_map: a ``nuscenes.map_expansion.map_api.NuScenesMap`` (or anything with its ``extract_line``,
+            ``extract_polygon`` and layer record lists).
         pc_range: [x0, y0, z0, x1, y1, z1], the perception range in the LiDAR frame (meters).
     """
 
     def __init__(self, nusc_map, pc_range: list[float]) -> None:
         self.pc_range = pc_range
-        self.dividers = LayerIndex(
-            [nusc_map.extract_line(rec["line_token"]) for layer in DIVIDER_LAYERS for rec in getattr(nusc_map, layer)]
-        )
+        self.dividers = {
+            layer: LayerIndex([nusc_map.extract_line(rec["line_token"]) for rec in getattr(nusc_map, layer)])
+            for layer in DIVIDER_LAYERS
+        }
         self.crossings = LayerIndex(
-            [_valid(nusc_map.extract_polygon(rec["polygon_token"])) for rec in nusc_map.ped_crossing]
+            [_valid_or_none(nusc_map.extract_polygon(r["polygon_token"])) for r in nusc_map.ped_crossing]
         )
-        self.surfaces = LayerIndex(
-            [
-                _valid(nusc_map.extract_polygon(rec["polygon_token"]))
-                for layer in BOUNDARY_LAYERS
-                for rec in getattr(nusc_map, layer)
-            ]
-        )
+        self.surfaces = {
+            layer: LayerIndex(
+                [_valid_or_none(nusc_map.extract_polygon(rec["polygon_token"])) for rec in getattr(nusc_map, layer)]
+            )
+            for layer in BOUNDARY_LAYERS
+        }
 
     def instances(self, lidar2global: np.ndarray) -> list[MapInstance]:
         """Map elements in the perception range of a LiDAR pose.
@@ -77,71 +125,82 @@ class MapGroundTruth:
         Args:
             lidar2global: (4, 4) LiDAR -> global transform of the sample.
         Returns:
-            instances ordered by class (dividers, crossings, boundaries), points (K, 2) float32 meters.
+            instances ordered by class (dividers, crossings, boundaries), points (K, 2) float64 meters in
+            the patch frame (see the module docstring).
         """
+        patch = lidar_patch(lidar2global, self.pc_range)
         x0, y0, _, x1, y1, _ = self.pc_range
-        local_box = box(x0, y0, x1, y1)
-        # Global -> LiDAR as a 2D affine map [a, b, d, e, xoff, yoff] (shapely's order); z is dropped
-        # because the map is planar.
-        global2lidar = np.linalg.inv(lidar2global)
-        rot, trans = global2lidar[:2, :2], global2lidar[:2, 3]
-        to_lidar = [rot[0, 0], rot[0, 1], rot[1, 0], rot[1, 1], trans[0], trans[1]]
-        lidar2global_2d = [
-            lidar2global[0, 0], lidar2global[0, 1], lidar2global[1, 0], lidar2global[1, 1],
-            lidar2global[0, 3], lidar2global[1, 3],
-        ]  # fmt: skip
-        region = affinity.affine_transform(local_box, lidar2global_2d)
-
         out: list[MapInstance] = []
-        for line in self.dividers.query(region):
-            clipped = affinity.affine_transform(line, to_lidar).intersection(local_box)
-            out += [MapInstance(p, 0) for p in _line_parts(clipped)]
+        for layer in DIVIDER_LAYERS:
+            for line in self.dividers[layer].query(patch.polygon):
+                clipped = line.intersection(patch.polygon)
+                if not clipped.is_empty:
+                    out += [MapInstance(p, 0) for p in _line_pieces(patch.to_local(clipped))]
 
-        # Rings are clipped by a box shrunk by a few cm so that a ring running along the range's edge does
-        # not leave a sliver of boundary exactly on it.
-        inner = box(x0 + 0.05, y0 + 0.05, x1 - 0.05, y1 - 0.05)
-        for label, layer in ((1, self.crossings), (2, self.surfaces)):
-            polys = [affinity.affine_transform(p, to_lidar) for p in layer.query(region)]
-            if not polys:
-                continue
-            merged = ops.unary_union(polys)
-            for ring in _rings(merged):
-                out += [MapInstance(p, label) for p in _line_parts(ring.intersection(inner))]
+        crossings = _clipped_polygons(self.crossings, patch)
+        if crossings:
+            grow = CROSSING_MARGIN
+            rings = _oriented_rings(ops.unary_union(crossings))
+            out += [
+                MapInstance(p, 1) for r in rings for p in _clip_ring(r, box(x0 - grow, y0 - grow, x1 + grow, y1 + grow))
+            ]
+
+        roads = _clipped_polygons(self.surfaces["road_segment"], patch)
+        lanes = _clipped_polygons(self.surfaces["lane"], patch)
+        if roads or lanes:
+            surface = ops.unary_union([ops.unary_union(roads), ops.unary_union(lanes)])
+            shrink = BOUNDARY_MARGIN
+            inner = box(x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink)
+            out += [MapInstance(p, 2) for r in _oriented_rings(surface) for p in _clip_ring(r, inner)]
         return out
 
 
-def _valid(poly: Polygon) -> Polygon | None:
-    """Repair a self-touching polygon with buffer(0) instead of dropping it silently."""
-    if poly is None or poly.is_empty:
+def _valid_or_none(poly: Polygon) -> Polygon | None:
+    """MapTR skips a map polygon that shapely finds invalid (self-touching, folded) instead of repairing it."""
+    if poly is None or poly.is_empty or not poly.is_valid:
         return None
-    return poly if poly.is_valid else poly.buffer(0)
+    return poly
 
 
-def _rings(geom) -> list[LineString]:
-    """Exterior and interior rings of a (multi)polygon, exteriors counter-clockwise, holes clockwise."""
-    polys = [geom] if isinstance(geom, Polygon) else [g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon)]
-    rings: list[LineString] = []
-    for poly in polys:
-        ext = LinearRing(poly.exterior.coords)
-        rings.append(LineString(ext.coords if ext.is_ccw else ext.coords[::-1]))
-        for hole in poly.interiors:
-            ring = LinearRing(hole.coords)
-            rings.append(LineString(ring.coords[::-1] if ring.is_ccw else ring.coords))
-    return rings
+def _clipped_polygons(layer: LayerIndex, patch: Patch) -> list:
+    """The layer's polygons clipped to the patch in global coordinates, then moved to the patch frame."""
+    out = []
+    for poly in layer.query(patch.polygon):
+        clipped = poly.intersection(patch.polygon)
+        if not clipped.is_empty:
+            out.append(patch.to_local(clipped))
+    return out
 
 
-def _line_parts(geom) -> list[np.ndarray]:
-    """The polylines of a clipping result as (K, 2) float32 arrays; a ring split by the clip box is
-    re-joined where its two ends meet, so a ring cut once is one polyline, not two."""
-    if geom.is_empty:
-        return []
+def _oriented_rings(geom) -> list[LinearRing]:
+    """Rings of a (multi)polygon: exteriors clockwise, then holes counter-clockwise (MapTR's order:
+    all exteriors first, then all holes)."""
+    if isinstance(geom, Polygon):
+        polys = [geom]
+    elif isinstance(geom, MultiPolygon):
+        polys = list(geom.geoms)
+    else:  # a collection (polygons touching lines): only its polygons have rings
+        polys = [g for g in getattr(geom, "geoms", []) if isinstance(g, Polygon)]
+    exteriors = [
+        LinearRing(p.exterior.coords[::-1]) if p.exterior.is_ccw else p.exterior for p in polys if not p.is_empty
+    ]
+    holes = [LinearRing(h.coords) if h.is_ccw else LinearRing(h.coords[::-1]) for p in polys for h in p.interiors]
+    return exteriors + holes
+
+
+def _clip_ring(ring: LinearRing, clip_box: Polygon) -> list[np.ndarray]:
+    """A ring clipped by a box; pieces that meet are joined (``linemerge``)."""
+    clipped = ring.intersection(clip_box)
+    if isinstance(clipped, MultiLineString):
+        clipped = ops.linemerge(clipped)
+    return _line_pieces(clipped)
+
+
+def _line_pieces(geom) -> list[np.ndarray]:
+    """The polylines of a clipping result as (K, 2) float64 arrays, one per LineString piece; points and
+    empty pieces are dropped (a clip touching the box at one point yields a point)."""
     if isinstance(geom, LineString):
         parts = [geom]
-    elif isinstance(geom, (MultiLineString, GeometryCollection)):
-        parts = [g for g in geom.geoms if isinstance(g, LineString)]
-        merged = ops.linemerge(parts) if len(parts) > 1 else None
-        if merged is not None and not merged.is_empty:
-            parts = list(merged.geoms) if isinstance(merged, MultiLineString) else [merged]
     else:
-        parts = []
-    return [np.asarray(p.coords, dtype=np.float32)[:, :2] for p in parts if p.length > 1e-3]
+        parts = [g for g in getattr(geom, "geoms", []) if isinstance(g, LineString)]
+    return [np.asarray(p.coords, dtype=np.float64)[:, :2] for p in parts if not p.is_empty]
