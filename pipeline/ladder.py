@@ -2,18 +2,21 @@
 
     python pipeline/ladder.py --params params.yaml --float metrics/float.json \
         --calibration metrics/calibration.json --qat metrics/qat.json --deployed metrics/deployed.json \
-        --compile reports/compile.json --out-dir metrics/ladder --plot reports/ladder.json
+        --compile reports/compile.json --out metrics/ladder.json --class-dir metrics/ladder \
+        --plot reports/ladder.json
 
 The val mAP and the AP of each class (`pack.classes`) after float-train, calibrate, qat and on the
 deployed model (validate), and the deployed / float latency ratio of compile (paired by round). These
-are the only DVC metrics of the pipeline, one file per row so that `dvc metrics show` prints a table with
-the four stages as columns:
+are the only DVC metrics of the pipeline, laid out for DVC's two tables:
 
-    metrics/ladder/mAP.json, divider.json, ped_crossing.json, boundary.json   {float, calibration, qat, deployed}
-    metrics/ladder/latency.json                                              {deployed_over_float}
+    metrics/ladder.json          {mAP: {float, calibration, qat, deployed}, latency: {deployed_over_float}}
+    metrics/ladder/<class>.json  {AP: {float, calibration, qat, deployed}}
 
-and `dvc exp show` lists each row's four stages in adjacent columns. `--plot` gets the same figures as
-rows {class, stage, AP} for the `dvc plots` bar chart of the ladder. Reads JSON only: no torch.
+`dvc exp show` names a metric by its key alone when no other file has it: mAP.float ... mAP.deployed and
+latency.deployed_over_float come first, side by side (`--drop /` hides the per-class and dependency
+columns). `dvc metrics show` prints one row per file: the mAP row, then one AP row per class, each with
+its four stages in adjacent columns. `--plot` gets the same figures as rows {class, stage, AP} for the
+`dvc plots` bar chart of the ladder. Reads JSON only: no torch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def build_parser():
     for stage in STAGES:
         p.add_argument(f"--{stage}", required=True, help=f"metrics JSON of the {stage} model (mAP, AP_<class>)")
     p.add_argument("--compile", required=True, help="compile report (deployed_over_float_paired)")
-    p.add_argument("--out-dir", required=True, help="folder of the ladder's metric files")
+    p.add_argument("--out", required=True, help="metric file: mAP per stage and the latency ratio")
+    p.add_argument("--class-dir", required=True, help="folder of the per-class metric files (AP per stage)")
     p.add_argument("--plot", required=True, help="the ladder as rows for `dvc plots`")
     return p
 
@@ -66,10 +70,10 @@ def main() -> None:
     per_stage = {stage: read_json(getattr(args, stage), wanted) for stage in STAGES}
     ratio = float(read_json(args.compile, ["deployed_over_float_paired"])["deployed_over_float_paired"])
     rows = ladder_rows(per_stage, classes)
-    out = Path(args.out_dir)
-    for row, values in rows.items():
-        write_text_atomic(out / f"{row}.json", json.dumps(values, indent=2) + "\n")
-    write_text_atomic(out / "latency.json", json.dumps({"deployed_over_float": ratio}, indent=2) + "\n")
+    summary = {"mAP": rows["mAP"], "latency": {"deployed_over_float": ratio}}
+    write_text_atomic(args.out, json.dumps(summary, indent=2) + "\n")
+    for name in classes:
+        write_text_atomic(Path(args.class_dir) / f"{name}.json", json.dumps({"AP": rows[name]}, indent=2) + "\n")
     points = [{"class": row, "stage": stage, "AP": ap} for row, values in rows.items() for stage, ap in values.items()]
     write_text_atomic(args.plot, json.dumps(points, indent=2) + "\n")
     width = max(len(r) for r in rows)

@@ -125,8 +125,7 @@ def test_command_line_names_every_input_and_output(name):
 def test_only_the_ladder_is_a_dvc_metric():
     """A handful of compared figures, none of them a wall-clock time (dvc.lock stays clean on a rerun)."""
     declared = [entry_name(e) for stage in STAGES.values() for e in stage.get("metrics", [])]
-    assert declared == [f"metrics/ladder/{row}.json" for row in ("mAP", "divider", "ped_crossing", "boundary",
-                                                                 "latency")]  # fmt: skip
+    assert declared == ["metrics/ladder.json"] + [f"metrics/ladder/{c}.json" for c in PARAMS["pack"]["classes"]]
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -149,17 +148,21 @@ def test_ladder_stage_writes_the_declared_metrics_and_plot(tmp_path):
                                     "AP_boundary": 0.5, "AP_boundary_0.5": 0.1}))  # fmt: skip
         inputs[f"--{stage_name}"] = str(path)
     (tmp_path / "compile.json").write_text(json.dumps({"deployed_over_float_paired": 0.57, "runs": 100}))
-    inputs.update({"--compile": str(tmp_path / "compile.json"), "--out-dir": str(tmp_path / "ladder"),
-                   "--plot": str(tmp_path / "plot.json"), "--params": str(REPO / "params.yaml")})  # fmt: skip
+    inputs.update({"--compile": str(tmp_path / "compile.json"), "--out": str(tmp_path / "ladder.json"),
+                   "--class-dir": str(tmp_path / "ladder"), "--plot": str(tmp_path / "plot.json"),
+                   "--params": str(REPO / "params.yaml")})  # fmt: skip
     args = [inputs[tokens[i - 1]] if i and tokens[i - 1] in inputs else tok for i, tok in enumerate(tokens)]
     res = subprocess.run([sys.executable, *args[1:]], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    written = sorted(p.name for p in (tmp_path / "ladder").iterdir())
-    declared = sorted(Path(entry_name(e)).name for e in stage["metrics"])
-    assert written == declared
-    mAP = json.loads((tmp_path / "ladder" / "mAP.json").read_text())
-    assert list(mAP) == ["float", "calibration", "qat", "deployed"] and mAP["qat"] == pytest.approx(0.32)
-    assert json.loads((tmp_path / "ladder" / "latency.json").read_text()) == {"deployed_over_float": 0.57}
+    written = ["ladder.json"] + sorted(f"ladder/{p.name}" for p in (tmp_path / "ladder").iterdir())
+    declared = sorted(entry_name(e).removeprefix("metrics/") for e in stage["metrics"])
+    assert sorted(written) == declared
+    summary = json.loads((tmp_path / "ladder.json").read_text())
+    # the order `dvc exp show` keeps: mAP of the four stages side by side, in pipeline order, then latency
+    assert list(summary) == ["mAP", "latency"] and list(summary["mAP"]) == ["float", "calibration", "qat", "deployed"]
+    assert summary["mAP"]["qat"] == pytest.approx(0.32) and summary["latency"] == {"deployed_over_float": 0.57}
+    boundary = json.loads((tmp_path / "ladder" / "boundary.json").read_text())
+    assert boundary == {"AP": {"float": 0.5, "calibration": 0.5, "qat": 0.5, "deployed": 0.5}}
     points = json.loads((tmp_path / "plot.json").read_text())
     assert len(points) == 16 and points[0] == {"class": "mAP", "stage": "float", "AP": pytest.approx(0.3)}
 
@@ -167,7 +170,8 @@ def test_ladder_stage_writes_the_declared_metrics_and_plot(tmp_path):
 def test_ladder_names_a_missing_stage_output(tmp_path):
     res = subprocess.run(
         [sys.executable, "pipeline/ladder.py", "--float", str(tmp_path / "none.json"), "--calibration", "x",
-         "--qat", "x", "--deployed", "x", "--compile", "x", "--out-dir", str(tmp_path), "--plot", "p.json"],
+         "--qat", "x", "--deployed", "x", "--compile", "x", "--out", "o.json", "--class-dir", str(tmp_path),
+         "--plot", "p.json"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2
