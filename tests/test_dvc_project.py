@@ -80,7 +80,6 @@ def project(tiny_world, tmp_path_factory) -> Path:
 def test_forced_rerun_gives_the_same_bytes_and_downstream_is_not_rerun(project):
     first = md5(project / CHECKPOINT)
     curve = (project / "metrics" / "float_curve.json").read_bytes()
-    assert "epoch_seconds" not in curve.decode()
     dvc(project, "repro", "--force", "--single-item", "float-train")
     assert md5(project / CHECKPOINT) == first, "same inputs, different checkpoint bytes"
     assert (project / "metrics" / "float_curve.json").read_bytes() == curve
