@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,16 +23,27 @@ class UserError(RuntimeError):
     """An error caused by input the user controls; its message names the file and the fix."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, torchrun stopping its workers): unwinds like Ctrl-C, so temporary outputs are
+    removed and the MLflow run ends as KILLED instead of staying RUNNING."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
+    from maptr.atomic import OutputError
     from maptr.data.packing import PackError
     from maptr.data.records import CorruptRecordError
+    from maptr.deploy.ort_runner import OnnxModelError
     from maptr.training.checkpoint import CheckpointError
     from maptr.training.tracking import TrackingError
     from maptr.training.trainer import TrainingDiverged
 
     return (
         ParamsError, UserError, PackError, CorruptRecordError, CheckpointError, TrackingError, TrainingDiverged,
-        FileNotFoundError,
+        OutputError, OnnxModelError, FileNotFoundError,
     )  # fmt: skip
 
 
@@ -71,6 +83,7 @@ def run(main: Callable[[], object]) -> None:
     A run that finishes prints its wall time on stderr (``<entrypoint>: done in 5 min 36 s``), so a
     ``dvc repro`` log gives every stage's time.
     """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
         seconds = round(process_seconds())
@@ -78,6 +91,8 @@ def run(main: Callable[[], object]) -> None:
     except user_error_types() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted: no output was marked finished", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
