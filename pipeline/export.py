@@ -36,7 +36,7 @@ from maptr.deploy.onnx_export import (
 from maptr.deploy.ort_runner import create_session, run_frame
 from maptr.quant.quantizer import build_model_from_checkpoint
 from maptr.training.checkpoint import load_checkpoint
-from maptr.training.tracking import StageRun
+from maptr.training.tracking import StageRun, check_tracking
 
 
 def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg: ExportConfig, quantized: bool) -> dict:
@@ -82,6 +82,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg = load_section(params, "export", ExportConfig)
     model_cfg = load_model_config(params)
+    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -102,15 +103,15 @@ def main() -> None:
         )
     print(f"QuantizeLinear by type: {report['qdq']['quantize_linear_by_dtype']}; {report['seconds']:.0f} s in all")
 
-    with StageRun("export", {"export": asdict(cfg), "model": asdict(model_cfg)}) as run:
+    with StageRun("export", {"export": asdict(cfg), "model": asdict(model_cfg)}, fail_fast=False) as run:
         for name in ("qdq", "float"):
             r = report[name]
             diffs = {f"{name}/max_abs_diff_{k}": v for k, v in r["max_abs_diff_ort_vs_torch"].items()}
             run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
                              f"{name}/export_seconds": r["export_seconds"], **diffs})  # fmt: skip
         run.log_artifact(args.report)
-        log_onnx_model(args.qdq_out, "maptr_qdq")
-        log_onnx_model(args.float_out, "maptr_float")
+        run.call("ONNX model maptr_qdq", lambda: log_onnx_model(args.qdq_out, "maptr_qdq"))
+        run.call("ONNX model maptr_float", lambda: log_onnx_model(args.float_out, "maptr_float"))
 
 
 if __name__ == "__main__":

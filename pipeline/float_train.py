@@ -29,7 +29,7 @@ from maptr.models.maptr import build_maptr
 from maptr.training.checkpoint import load_checkpoint
 from maptr.training.criterion import build_criterion
 from maptr.training.distributed import cleanup, init_distributed
-from maptr.training.tracking import StageRun
+from maptr.training.tracking import StageRun, check_tracking
 from maptr.training.trainer import Trainer
 
 METRIC_KEYS = ("mAP", "AP_divider", "AP_ped_crossing", "AP_boundary")
@@ -52,6 +52,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg = load_section(params, "float", TrainConfig)
     model_cfg = load_model_config(params)
+    check_tracking()  # before any work: a server in trouble is an error now, not after training
     ctx = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

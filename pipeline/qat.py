@@ -31,7 +31,7 @@ from maptr.quant.quantizer import build_model_from_checkpoint
 from maptr.training.checkpoint import load_checkpoint
 from maptr.training.criterion import build_criterion
 from maptr.training.distributed import cleanup, init_distributed
-from maptr.training.tracking import StageRun
+from maptr.training.tracking import StageRun, check_tracking
 from maptr.training.trainer import Trainer
 
 
@@ -44,6 +44,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg = load_section(params, "qat", QATConfig)
     model_cfg = load_model_config(params)
+    check_tracking()
     ctx = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
