@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
+from maptr import cli
+from maptr.atomic import write_text_atomic
 from maptr.config import SynthConfig, load_params, load_section
 from maptr.data.synthetic import generate_world
 
@@ -33,13 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     report = {"config": vars(cfg), **stats}
-    write_json_atomic(Path(args.stats), report)
+    write_text_atomic(args.stats, json.dumps(report, indent=2) + "\n")
     elapsed = time.perf_counter() - start
     splits = stats["splits"]
     print(
@@ -71,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)  # a bad param or an unwritable output: one `error:` line and exit code 2
