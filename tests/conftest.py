@@ -95,3 +95,21 @@ def micro_cfg(tmp_path_factory):
     from maptr.config import load_model_config, load_params
 
     return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
+
+
+def run_entrypoint_here(script: str, *args: str) -> int:
+    """A pipeline entrypoint's main() run in this process through the shared CLI runner (no interpreter
+    start-up); returns its exit code (0 when it finished). Its stderr goes to pytest's capture."""
+    import runpy
+
+    from maptr import cli
+
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        cli.run(runpy.run_path(str(REPO / "pipeline" / script), run_name="stage")["main"])
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = argv
