@@ -141,7 +141,7 @@ def main() -> None:
             run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
         run.log_artifact(args.report)
         run.log_artifact(args.table)
-        run.call("ONNX model maptr_deploy", lambda: log_onnx_model(args.out, "maptr_deploy"))
+        run.call("ONNX model (maptr_deploy)", lambda: log_onnx_model(args.out, "maptr_deploy"))
 
 
 if __name__ == "__main__":

@@ -110,8 +110,8 @@ def main() -> None:
             run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
                              f"{name}/export_seconds": r["export_seconds"], **diffs})  # fmt: skip
         run.log_artifact(args.report)
-        run.call("ONNX model maptr_qdq", lambda: log_onnx_model(args.qdq_out, "maptr_qdq"))
-        run.call("ONNX model maptr_float", lambda: log_onnx_model(args.float_out, "maptr_float"))
+        run.call("ONNX model (maptr_qdq)", lambda: log_onnx_model(args.qdq_out, "maptr_qdq"))
+        run.call("ONNX model (maptr_float)", lambda: log_onnx_model(args.float_out, "maptr_float"))
 
 
 if __name__ == "__main__":

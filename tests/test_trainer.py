@@ -113,7 +113,7 @@ def _fake_val(maps: list[float]):
     return validate
 
 
-def test_resumed_run_writes_the_best_checkpoint_that_dvc_deleted(packed_world, tmp_path):
+def test_resumed_run_writes_the_best_checkpoint_that_dvc_deleted(packed_world, tmp_path, one_thread):
     # Epoch 1 is the best; the run is killed inside epoch 2; `dvc repro` deletes the stage's outputs (the
     # best file) before rerunning; the resumed epoch 2 does not beat epoch 1, and still the best file appears.
     killed = make_trainer(packed_world, tmp_path)
@@ -163,6 +163,37 @@ def test_a_model_whose_buffers_overflow_is_never_saved(packed_world, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"backbone.layer1.0.bn2.running_var hold NaN / inf .*loss was still"):
         trainer.fit()
     assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_tracking_server_lost_mid_training_does_not_stop_it(packed_world, tmp_path, monkeypatch, capsys, one_thread):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
+    monkeypatch.setattr(StageRun, "RETRY_PAUSE_S", 0.0, raising=False)
+    monkeypatch.setattr(
+        StageRun, "QUIET_S", 1e9, raising=False
+    )  # once failed, calls are only queued (and tried at the end)
+    trainer = make_trainer(packed_world, tmp_path)  # logs after every step
+    trainer.validate = _fake_val([0.5, 0.6])
+    real, calls = mlflow.log_metrics, []
+
+    def going_away(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool: Connection refused")  # fmt: skip
+        return real(*args, **kwargs)
+
+    with StageRun("float-train", {}) as run:
+        monkeypatch.setattr(mlflow, "log_metrics", going_away)
+        trainer.tracker = run
+        state = trainer.fit()
+    assert [h["mAP"] for h in state.history] == [0.5, 0.6] and (tmp_path / "best.pt").is_file()
+    err = capsys.readouterr().err
+    assert err.count("failed (API request to http://mlflow:5000") == 1  # warned once, not at every step
+    assert "the stage goes on" in err and "not logged: 8 x metrics (step 3, ..., step 8)" in err
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

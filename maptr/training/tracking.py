@@ -250,8 +250,17 @@ class StageRun:
         return True
 
     def _describe_pending(self) -> str:
-        kinds = collections.Counter(what.split(" (")[0] for what, _ in self._pending)
-        return ", ".join(f"{n} x {kind}" if n > 1 else kind for kind, n in kinds.items())
+        """The queued calls by kind: ``9 x metrics (step 3, ..., step 11), 2 x artifact (a.json, b.png)``."""
+        groups: dict[str, list[str]] = {}
+        for what, _ in self._pending:
+            kind, _, detail = what.partition(" (")
+            groups.setdefault(kind, []).append(detail.rstrip(")"))
+        parts = []
+        for kind, details in groups.items():
+            shown = details if len(details) <= 3 else [details[0], "...", details[-1]]
+            span = f" ({', '.join(shown)})" if any(details) else ""
+            parts.append(f"{len(details)} x {kind}{span}")
+        return ", ".join(parts)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._mlflow is not None:
@@ -261,7 +270,7 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None and Path(path).exists():
             mlflow = self._mlflow
-            self.call(f"artifact {path}", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+            self.call(f"artifact ({path})", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._mlflow is not None:
