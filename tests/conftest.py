@@ -98,16 +98,14 @@ def micro_cfg(tmp_path_factory):
 
 
 def run_entrypoint_here(script: str, *args: str) -> int:
-    """A pipeline entrypoint's main() run in this process through the shared CLI runner (no interpreter
-    start-up); returns its exit code (0 when it finished). Its stderr goes to pytest's capture."""
+    """``python pipeline/<script> <args>`` in this process (no interpreter start-up): the script runs as
+    ``__main__``, through its own entry code; returns its exit code. Its stderr goes to pytest's capture."""
     import runpy
-
-    from maptr import cli
 
     argv = sys.argv
     sys.argv = [script, *args]
     try:
-        cli.run(runpy.run_path(str(REPO / "pipeline" / script), run_name="stage")["main"])
+        runpy.run_path(str(REPO / "pipeline" / script), run_name="__main__")
         return 0
     except SystemExit as exc:
         return int(exc.code or 0)
