@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,9 @@ class OutputError(RuntimeError):
 
 
 def output_error(path: Path, exc: OSError) -> OutputError:
-    """The one-line error for an OSError met while writing ``path``."""
+    """The one-line error for an OSError met while writing ``path`` (named by its final name when it is one
+    of our temporaries, possibly nested: the user knows the output, not its temporary sibling)."""
+    path = Path(re.sub(r"(\.tmp-\d+)+$", "", str(path)))
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free disk space and re-run"
