@@ -2,7 +2,7 @@
 
 Reads sections `float` (the training strategy) and `model` (the preset). Runs alone or under torchrun:
 
-    torchrun --nproc_per_node=2 pipeline/float_train.py --params params.yaml
+    GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node=2 pipeline/float_train.py --params params.yaml
 
 Writes the best checkpoint by val mAP, metrics/float.json, the per-epoch curve, a learning-curve PNG,
 PR curves and a BEV picture, all also logged to MLflow. `--resume` continues an interrupted run from the
