@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,12 +28,22 @@ USER_ERRORS = frozenset({
     "maptr.config.ParamsError", "maptr.cli.UserError", "maptr.data.packing.PackError",
     "maptr.data.records.CorruptRecordError", "maptr.training.checkpoint.CheckpointError",
     "maptr.training.tracking.TrackingError", "maptr.training.trainer.TrainingDiverged", "builtins.FileNotFoundError",
+    "maptr.atomic.OutputError", "maptr.deploy.ort_runner.OnnxModelError",
 })  # fmt: skip
 
 
 def is_user_error(exc: BaseException) -> bool:
     """Is ``exc`` (or a base class of it) one of :data:`USER_ERRORS`?"""
     return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(exc).__mro__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, torchrun stopping its workers): unwinds like Ctrl-C, so temporary outputs are
+    removed and the MLflow run ends as KILLED instead of staying RUNNING."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -71,6 +82,7 @@ def run(main: Callable[[], object]) -> None:
     A run that finishes prints its wall time on stderr (``<entrypoint>: done in 5 min 36 s``), so a
     ``dvc repro`` log gives every stage's time.
     """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
         seconds = round(process_seconds())
@@ -80,6 +92,8 @@ def run(main: Callable[[], object]) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted: no output was marked finished", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -291,7 +291,7 @@ def from_dict(cls: type[T], data: Any, where: str, derived: frozenset[str] = fro
         raise ParamsError(f"{where}: missing key(s) {missing}; set them in params.yaml (no knob has a default "
                           "in the code)")  # fmt: skip
     kwargs = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    return check_ranges(cls(**kwargs), where)
 
 
 def load_section(params: dict[str, Any], name: str, cls: type[T]) -> T:
@@ -358,3 +358,71 @@ def _validate_model(cfg: ModelConfig, where: str) -> None:
             f"{where}: num_vec_one2many ({cfg.num_vec_one2many}) and k_one2many ({cfg.k_one2many}) must be both 0 "
             "(no one2many group) or both > 0"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranges: a value of the right type can still be meaningless (0 epochs, a probability of 2). Checked for
+# every section when it is read, so each stage refuses it before any work, with the key and the range.
+# --------------------------------------------------------------------------------------------------
+Rule = tuple[typing.Callable[[Any], bool], str]
+
+
+def _ge(low: float) -> Rule:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _gt(low: float) -> Rule:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low: float, high: float) -> Rule:
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+def _one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+_COUNT, _NONNEG, _POSITIVE, _PROB = _ge(1), _ge(0), _gt(0), _within(0, 1)
+_RANGES: dict[type, dict[str, Rule]] = {
+    SynthConfig: {"seed": _NONNEG, "train_scenes": _COUNT, "val_scenes": _COUNT, "samples_per_scene": _COUNT,
+                  "image_width": _ge(32), "image_height": _ge(32), "jpeg_quality": _within(1, 100)},
+    PackConfig: {"sample_dist": _POSITIVE},
+    TrainConfig: {"seed": _NONNEG, "epochs": _COUNT, "batch_size": _COUNT, "lr": _POSITIVE,
+                  "backbone_lr_mult": _NONNEG, "weight_decay": _NONNEG, "warmup_steps": _NONNEG,
+                  "warmup_ratio": _PROB, "min_lr_ratio": _PROB, "grad_clip": _NONNEG,
+                  "num_workers": _NONNEG, "threads": _NONNEG, "val_batch_size": _COUNT, "ckpt_every_steps": _NONNEG,
+                  "log_every_steps": _COUNT, "cache_mb": _NONNEG},
+    QATConfig: {"samples_per_epoch": _NONNEG},
+    SensitivityConfig: {"calibration_batches": _COUNT, "num_batches": _COUNT, "batch_size": _COUNT,
+                        "seed": _NONNEG, "threads": _NONNEG},
+    CalibrateConfig: {"steps": _COUNT, "batch_size": _COUNT, "observer": _one_of("mse", "percentile", "minmax"),
+                      "percentile": _within(50, 100), "int16_topk": _NONNEG, "seed": _NONNEG, "threads": _NONNEG,
+                      "val_batch_size": _COUNT},
+    ExportConfig: {"opset": _ge(21), "seed": _NONNEG, "threads": _NONNEG},
+    # the levels ONNX Runtime can save (maptr.deploy.checker.LEVELS; not imported: config stays light)
+    CompileConfig: {"optimization_level": _one_of("basic", "extended", "all"), "threads": _COUNT,
+                    "thread_sweep": _COUNT, "warmup": _NONNEG, "runs": _COUNT, "rounds": _COUNT,
+                    "profile_runs": _NONNEG},
+    ValidateConfig: {"batch_size": _COUNT, "threads": _NONNEG, "top_k": _COUNT},
+    CriterionConfig: {**{f.name: _NONNEG for f in dataclasses.fields(CriterionConfig)}, "focal_alpha": _PROB},
+    ModelConfig: {**{name: _COUNT for name in (
+        "embed_dims", "num_heads", "ffn_dims", "bev_h", "bev_w", "num_points_in_pillar", "encoder_layers",
+        "encoder_sca_points", "encoder_tsa_points", "decoder_layers", "decoder_points", "num_vec_one2one",
+        "max_num", "image_size")},
+        "num_vec_one2many": _NONNEG, "k_one2many": _NONNEG, "num_pts_per_vec": _ge(2), "dropout": _within(0, 0.99)},
+}  # fmt: skip
+
+
+def check_ranges(cfg: T, where: str) -> T:
+    """Return ``cfg`` when every value lies in its range (a list: each item), else raise ParamsError
+    naming ``where.key``, the range and the value."""
+    rules: dict[str, Rule] = {}
+    for klass in reversed(type(cfg).__mro__):  # QATConfig: TrainConfig's rules, then its own
+        rules.update(_RANGES.get(klass, {}))
+    for key, (ok, need) in rules.items():
+        value = getattr(cfg, key)
+        if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            each = "each item " if isinstance(value, list) else ""
+            raise ParamsError(f"{where}.{key}: {each}must be {need}, got {value!r}")
+    return cfg

@@ -44,13 +44,14 @@ def main() -> None:
     from maptr.quant.calibration import calibrate, calibration_loader
     from maptr.quant.quantizer import QuantConfig, quantize_model
     from maptr.training.checkpoint import load_checkpoint, save_checkpoint
-    from maptr.training.tracking import StageRun
+    from maptr.training.tracking import StageRun, check_tracking
 
     params = load_params(args.params)
     cfg = load_section(params, "calibrate", CalibrateConfig)
     if args.observer:
         cfg.observer = args.observer
     model_cfg = load_model_config(params)
+    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -84,7 +85,7 @@ def main() -> None:
         f"val mAP {metrics['mAP']:.4f} ({calibration_seconds:.0f} s calibration, {seconds:.0f} s in all)"
     )
 
-    with StageRun("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}) as run:
+    with StageRun("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}, fail_fast=False) as run:
         run.log_metrics({**metrics, "seconds": seconds, "int16_operators": len(int16_ops)})
         run.set_tags({"int16_operators": ", ".join(int16_ops)[:5000]})
         run.log_artifact(args.metrics)
@@ -100,6 +101,12 @@ def sensitive_operators(path: str, params: dict, cfg, preset: str) -> list[str]:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise cli.UserError(f"{path}: sensitivity report not found; run the sensitivity stage first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise cli.UserError(
+            f"{path}: not valid JSON (truncated or corrupt: {exc}); re-run the sensitivity stage"
+        ) from None
+    if not isinstance(report, dict) or not {"operators", "num_operators"} <= set(report):
+        raise cli.UserError(f"{path}: not a sensitivity report (no operators table); re-run the sensitivity stage")
     if report.get("preset") != preset:
         raise cli.UserError(
             f"{path} ranks preset {report.get('preset')!r}, params select {preset!r}; re-run sensitivity"

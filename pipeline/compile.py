@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from maptr import cli
 
@@ -58,9 +57,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from maptr.atomic import write_text_atomic
-    from maptr.config import CompileConfig, ParamsError, load_params, load_section
-    from maptr.deploy.checker import LEVELS
+    from maptr.atomic import atomic_file, write_text_atomic
+    from maptr.config import CompileConfig, load_params, load_section
     from maptr.deploy.compile_report import (
         alternating_latency,
         compile_markdown,
@@ -70,25 +68,26 @@ def main() -> None:
     )
     from maptr.deploy.onnx_export import log_onnx_model
     from maptr.deploy.ort_compile import optimize_and_save, outputs_match
-    from maptr.deploy.ort_runner import DEPLOYED_LEVEL
-    from maptr.training.tracking import StageRun
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, check_onnx_readable
+    from maptr.training.tracking import StageRun, check_tracking
 
     params = load_params(args.params)
-    cfg = load_section(params, "compile", CompileConfig)
-    if cfg.optimization_level not in LEVELS:
-        raise ParamsError(f"{args.params}: compile.optimization_level: {cfg.optimization_level!r} is not one of "
-                          f"{sorted(LEVELS)}")  # fmt: skip
-    if min(cfg.threads, cfg.runs, cfg.rounds, *cfg.thread_sweep) < 1:
-        raise ParamsError(f"{args.params}: compile.threads, thread_sweep, runs and rounds must be >= 1")
+    cfg = load_section(params, "compile", CompileConfig)  # ranges and the level checked in maptr.config
+    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
     torch.set_num_threads(1)
     start = time.perf_counter()
-    compiled = optimize_and_save(args.qdq, args.out, cfg.optimization_level)
+    for path in (args.qdq, args.float_model):
+        check_onnx_readable(path)
     feeds = frame_inputs(args.qdq)
-    check = outputs_match(args.qdq, args.out, feeds, cfg.optimization_level)
-    if max(check.reproduces.values()) > SAVED_MODEL_TOLERANCE:
-        Path(args.out).unlink()  # nothing that looks like a finished deployable model stays behind
-        raise RuntimeError(f"{args.out} did not reproduce the compiled model's outputs (max diff {check.reproduces}) "
-                           "and was removed; see maptr.deploy.ort_compile.outputs_match")  # fmt: skip
+    # Compiled and checked under a temporary name: a killed or failed compile leaves no deployable-looking file.
+    with atomic_file(args.out) as tmp:
+        compiled = optimize_and_save(args.qdq, tmp, cfg.optimization_level)
+        check = outputs_match(args.qdq, tmp, feeds, cfg.optimization_level)
+        if max(check.reproduces.values()) > SAVED_MODEL_TOLERANCE:
+            raise RuntimeError(
+                f"{args.out} did not reproduce the compiled model's outputs (max diff {check.reproduces}) and was "
+                "not kept; see maptr.deploy.ort_compile.outputs_match"
+            )
     compile_seconds = time.perf_counter() - start
 
     models = {"float": (args.float_model, "all"), "deployed": (args.out, DEPLOYED_LEVEL)}
@@ -139,7 +138,7 @@ def main() -> None:
         + f"; {time.perf_counter() - start:.0f} s in all"
     )
 
-    with StageRun("compile", {"compile": asdict(cfg)}) as run:
+    with StageRun("compile", {"compile": asdict(cfg)}, fail_fast=False) as run:
         run.log_metrics({
             "float/latency_ms_p50": f["latency_ms_p50"], "float/latency_ms_p90": f["latency_ms_p90"],
             "deployed/latency_ms_p50": d["latency_ms_p50"], "deployed/latency_ms_p90": d["latency_ms_p90"],
@@ -151,7 +150,7 @@ def main() -> None:
             run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
         run.log_artifact(args.report)
         run.log_artifact(args.table)
-        log_onnx_model(args.out, "maptr_deploy")
+        run.call("ONNX model (maptr_deploy)", lambda: log_onnx_model(args.out, "maptr_deploy"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Reads sections `float` (the training strategy) and `model` (the preset). Runs alone or under torchrun:
 
-    torchrun --nproc_per_node=2 pipeline/float_train.py --params params.yaml
+    GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node=2 pipeline/float_train.py --params params.yaml
 
 Writes the best checkpoint by val mAP, metrics/float.json, the per-epoch curve, a learning-curve PNG,
 PR curves and a BEV picture, all also logged to MLflow. `--resume` continues an interrupted run from the
@@ -49,12 +49,13 @@ def main() -> None:
     from maptr.models.maptr import build_maptr
     from maptr.training.criterion import build_criterion
     from maptr.training.distributed import cleanup, init_distributed
-    from maptr.training.tracking import StageRun
+    from maptr.training.tracking import StageRun, check_tracking
     from maptr.training.trainer import Trainer
 
     params = load_params(args.params)
     cfg = load_section(params, "float", TrainConfig)
     model_cfg = load_model_config(params)
+    check_tracking()  # before any work: a server in trouble is an error now, not after training
     ctx = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

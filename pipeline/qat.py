@@ -4,7 +4,7 @@ Reads sections `qat` (a training strategy, like `float`, plus samples_per_epoch)
 models/calibration-checkpoint-best.pt: the same quantized structure (int16 operators included), activation
 scales fixed, weights (and their per-channel scales) training. Runs alone or under torchrun:
 
-    torchrun --nproc_per_node=2 pipeline/qat.py --params params.yaml
+    GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node=2 pipeline/qat.py --params params.yaml
 
 Validates (val mAP) after every epoch, keeps the best checkpoint, writes metrics/qat.json and the
 per-epoch curve, all also to MLflow. `--resume` continues an interrupted run (same params, same
@@ -44,12 +44,13 @@ def main() -> None:
     from maptr.training.checkpoint import load_checkpoint
     from maptr.training.criterion import build_criterion
     from maptr.training.distributed import cleanup, init_distributed
-    from maptr.training.tracking import StageRun
+    from maptr.training.tracking import StageRun, check_tracking
     from maptr.training.trainer import Trainer
 
     params = load_params(args.params)
     cfg = load_section(params, "qat", QATConfig)
     model_cfg = load_model_config(params)
+    check_tracking()
     ctx = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -50,12 +50,13 @@ def main() -> None:
         top_operators,
     )
     from maptr.training.checkpoint import load_checkpoint
-    from maptr.training.tracking import StageRun
+    from maptr.training.tracking import StageRun, check_tracking
 
     params = load_params(args.params)
     cfg = load_section(params, "sensitivity", SensitivityConfig)
     cal_cfg = load_section(params, "calibrate", CalibrateConfig)
     model_cfg = load_model_config(params)
+    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -94,7 +95,7 @@ def main() -> None:
               f"{row.pts_error_m:.3f} m")  # fmt: skip
 
     stage_params = {"sensitivity": asdict(cfg), "calibrate": asdict(cal_cfg), "model": {"preset": model_cfg.preset}}
-    with StageRun("sensitivity", stage_params) as run:
+    with StageRun("sensitivity", stage_params, fail_fast=False) as run:
         run.log_metrics({"seconds": seconds, "num_operators": len(rows), "int16_topk": k,
                          "top1_activation_nsr": rows[0].activation_nsr})  # fmt: skip
         run.log_artifact(args.out)

@@ -43,11 +43,12 @@ def main() -> None:
     from maptr.evaluation.postprocess import build_postprocess
     from maptr.quant.quantizer import build_model_from_checkpoint
     from maptr.training.checkpoint import load_checkpoint
-    from maptr.training.tracking import StageRun
+    from maptr.training.tracking import StageRun, check_tracking
 
     params = load_params(args.params)
     cfg = load_section(params, "validate", ValidateConfig)
     model_cfg = load_model_config(params)
+    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
     torch.set_num_threads(max(cfg.threads, 1))
     ckpt = load_checkpoint(args.qat_checkpoint, expect_preset=model_cfg.preset)
     if "quant" not in ckpt:
@@ -77,7 +78,7 @@ def main() -> None:
         f"{100 * agreement['topk_class_agreement']:.2f}%"
     )
 
-    with StageRun("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}) as run:
+    with StageRun("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}, fail_fast=False) as run:
         run.log_metrics({**{k: v for k, v in document.items() if k.startswith(("mAP", "AP_"))},
                          **{f"agreement/{k}": v for k, v in agreement.items()},
                          "seconds_ort": deployed_seconds})  # fmt: skip

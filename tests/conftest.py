@@ -97,3 +97,19 @@ def micro_cfg(tmp_path_factory):
     from maptr.config import load_model_config, load_params
 
     return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
+
+
+def run_entrypoint_here(script: str, *args: str) -> int:
+    """``python pipeline/<script> <args>`` in this process (no interpreter start-up): the script runs as
+    ``__main__``, through its own entry code; returns its exit code. Its stderr goes to pytest's capture."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(REPO / "pipeline" / script), run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = argv

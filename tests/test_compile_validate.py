@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import write_micro_params
+from conftest import run_entrypoint_here, write_micro_params
 
 from maptr.config import load_model_config, load_params
 from maptr.deploy.compile_report import COMPILE_KEYS, op_table
@@ -155,6 +157,70 @@ def test_output_agreement_on_a_hand_made_case():
     assert got["samples"] == 2 and got["top_k"] == 2
     with pytest.raises(ValueError, match="top_k"):
         output_agreement(scores, pts, ref_scores, ref_pts, PC_RANGE, top_k=5)
+
+
+def test_compile_checks_the_deployed_model_under_a_temporary_name_before_it_appears(micro, tmp_path, monkeypatch):
+    import maptr.deploy.ort_compile as ort_compile
+
+    d, out, seen = micro["dir"], tmp_path / "deploy.onnx", []
+
+    def checked(reference, deployed, *args, **kwargs):
+        seen.append((Path(deployed).name, out.exists()))  # a kill now must not leave a deployable-looking file
+        raise RuntimeError("stop after the check: the rest of compile is not under test")
+
+    monkeypatch.setattr(ort_compile, "outputs_match", checked)
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        _run_stage("compile.py", monkeypatch, tmp_path, "--params", str(micro["params"]), "--qdq", str(d / "qdq.onnx"),
+                   "--float", str(d / "float.onnx"), "--out", str(out))  # fmt: skip
+    assert seen == [(f"deploy.onnx.tmp-{os.getpid()}", False)] and not list(tmp_path.glob("deploy.onnx*"))
+
+
+def _garbage(path: Path, source: Path) -> Path:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return path
+
+
+def _truncated(path: Path, source: Path) -> Path:
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated])
+@pytest.mark.parametrize("script", ["compile.py", "validate.py", "infer.py"])
+def test_unreadable_onnx_is_one_line_error(micro, packed_world, tmp_path, monkeypatch, capsys, script, damage):
+    d = micro["dir"]
+    bad = damage(tmp_path / "model.onnx", d / "qdq.onnx")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = ["--params", str(micro["params"])]
+    args = {
+        "compile.py": ["--qdq", str(bad), "--float", str(d / "float.onnx"), "--out", str(tmp_path / "deploy.onnx"),
+                       "--report", str(tmp_path / "compile.json"), "--table", str(tmp_path / "compile.md")],
+        "validate.py": ["--deployed", str(bad), "--qat-checkpoint", str(d / "qat.pt"), "--packed", str(packed_world),
+                        "--metrics", str(tmp_path / "deployed.json")],
+        "infer.py": ["--onnx", str(bad), "--packed", str(packed_world), "--out", str(tmp_path / "infer")],
+    }[script]  # fmt: skip
+    assert run_entrypoint_here(script, *common, *args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: not a readable ONNX model (truncated or corrupt" in err and "re-run the export" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlflow.db") == ["model.onnx"]
+
+
+def test_disk_full_during_compile_is_one_line_and_keeps_the_deployed_model(micro, tmp_path, monkeypatch, capsys):
+    d, out = micro["dir"], tmp_path / "deploy.onnx"
+    out.write_bytes(b"the deployed model of the last good compile")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", disk_full)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = run_entrypoint_here("compile.py", "--params", str(micro["params"]), "--qdq", str(d / "qdq.onnx"), "--float",
+                               str(d / "float.onnx"), "--out", str(out), "--report", str(tmp_path / "compile.json"),
+                               "--table", str(tmp_path / "compile.md"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {out}: cannot write (No space left on device); free disk space" in err
+    assert out.read_bytes() == b"the deployed model of the last good compile" and not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_scores_to_logits_inverts_the_sigmoid_including_saturation():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from maptr.data.records import CorruptRecordError, SampleRecord
+from maptr.data.records import MAGIC, CorruptRecordError, SampleRecord
 from maptr.data.seg_targets import bev_mask, pv_masks
 from maptr.data.transforms import MultiViewImageTransform, fit_to_size
 from maptr.data.vectors import equivalent_orders, is_closed, resample_polyline
@@ -57,17 +57,44 @@ class DatasetOptions:
 _ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-def _open_readonly(path: Path) -> lmdb.Environment:
+def _open_readonly(path: Path, keys: list[int]) -> lmdb.Environment:
     """One read-only environment per LMDB and process: LMDB refuses to open the same file twice in a
-    process, and an environment must not cross a fork (each DataLoader worker opens its own)."""
+    process, and an environment must not cross a fork (each DataLoader worker opens its own). Each fresh
+    environment is checked to hold the records ``keys`` (:func:`check_lmdb`)."""
     key = str(path.resolve())
     pid, env = _ENVS.get(key, (None, None))
     if pid != os.getpid():
         if env is not None:
             env.close()  # inherited through fork: release this process's copy (lock=False: no lock state)
-        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+        except lmdb.Error as exc:
+            raise CorruptRecordError(f"{path}: not a readable LMDB ({exc}); re-run pack") from None
+        try:
+            check_lmdb(env, path, keys)
+        except CorruptRecordError:
+            env.close()
+            raise
         _ENVS[key] = (os.getpid(), env)
     return env
+
+
+def check_lmdb(env: lmdb.Environment, path: Path, keys: list[int]) -> None:
+    """Refuse a truncated or foreign LMDB before any read: the file is memory-mapped, and reading a page
+    past its end kills the process with SIGBUS and no message. The page count comes from LMDB's meta
+    pages (read with plain reads at open); then the record with the highest of ``keys`` is read."""
+    data = path / "data.mdb"
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data.stat().st_size
+    if size < needed:
+        raise CorruptRecordError(f"{data}: {size} bytes, but its index needs {needed} (truncated); re-run pack")
+    entries = env.stat()["entries"]
+    if entries < len(keys):
+        raise CorruptRecordError(f"{path}: holds {entries} records, its metas list {len(keys)}; re-run pack")
+    with env.begin() as txn:
+        last = txn.get(str(max(keys)).encode())
+    if last is None or not last.startswith(MAGIC):
+        raise CorruptRecordError(f"{path}: record {max(keys)} missing or not a maptr record; re-run pack")
 
 
 _REDUCED_FLAGS = {
@@ -153,6 +180,11 @@ class PackedMapDataset(Dataset):
             raise CorruptRecordError(f"{meta_path}: malformed metas ({exc}); re-run the pack stage") from None
         self.info = metas["info"]
         self.samples = metas["samples"]
+        if not self.samples:  # written by an older pack, which did not refuse an empty split
+            raise CorruptRecordError(
+                f"{meta_path}: the {split} split is empty (0 samples); re-run pack on data with {split} scenes "
+                f"(synthetic world: synth.{split}_scenes >= 1, then re-run synth and pack)"
+            )
         if list(self.info["pc_range"]) != list(opts.pc_range):
             raise ValueError(
                 f"{meta_path}: packed with pc_range {self.info['pc_range']} but the model uses "
@@ -161,6 +193,7 @@ class PackedMapDataset(Dataset):
         self.transform = MultiViewImageTransform(augment=opts.augment, yuv=opts.yuv)
         self._env: lmdb.Environment | None = None
         self._pid = -1
+        self._lmdb()  # checked now: a truncated LMDB must fail before any work, with its path
         self.epoch = 0
         self._cached: dict[int, dict] = {}  # index -> _prepare(index), up to opts.cache_mb
         self._cached_bytes = 0
@@ -177,10 +210,13 @@ class PackedMapDataset(Dataset):
         """Change the augmentation stream per epoch (the sampler's seed changes the order)."""
         self.epoch = epoch
 
-    def _txn_get(self, key: int) -> bytes:
+    def _lmdb(self) -> lmdb.Environment:
         if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = _open_readonly(self.lmdb_path), os.getpid()
-        with self._env.begin() as txn:
+            self._env, self._pid = _open_readonly(self.lmdb_path, [s["key"] for s in self.samples]), os.getpid()
+        return self._env
+
+    def _txn_get(self, key: int) -> bytes:
+        with self._lmdb().begin() as txn:
             blob = txn.get(str(key).encode())
         if blob is None:
             raise CorruptRecordError(f"{self.lmdb_path}: record {key} missing; re-run the pack stage")

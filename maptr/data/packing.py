@@ -12,9 +12,15 @@ by the same code.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import lmdb
 import numpy as np
 from tqdm import tqdm
@@ -115,10 +121,66 @@ def sample_geometry(nusc, sample: dict) -> dict:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """A camera image's bytes, checked to be a complete JPEG (a broken one must fail here, naming its file,
+    not epochs later inside training where only the packed record can be named)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PackError(f"{path}: image listed in sample_data.json is missing") from None
+    problem = jpeg_problem(data)
+    if problem:
+        raise PackError(f"{path}: corrupt camera image ({problem}); restore the file from the dataset "
+                        "(re-run synth for the synthetic world), then re-run pack")  # fmt: skip
+    return data
+
+
+@contextlib.contextmanager
+def _stderr_text() -> Iterator[list[str]]:
+    """Collect what C libraries write to file descriptor 2 inside the block (libjpeg prints its warnings
+    there and decodes on); the list holds the text after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    text: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text.append(sink.read().decode(errors="replace").strip())
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a complete, clean JPEG, or None.
+
+    Checks the start and end markers, then decodes at 1/8 scale (the whole entropy-coded stream is still
+    read) treating libjpeg's warnings as errors: for corrupt data libjpeg only warns ("Corrupt JPEG data:
+    premature end of data segment") and fills the damaged blocks with grey.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return "no JPEG start marker: not a JPEG file"
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # some writers pad after the end marker
+        return "no JPEG end marker: the file is truncated"
+    with _stderr_text() as warnings:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    if img is None:
+        return "does not decode"
+    if warnings[0]:
+        return f"libjpeg: {warnings[0].splitlines()[0]}"
+    return None
+
+
+def _check_no_empty_split(nusc, split_of: dict[str, str], dataroot: str, version: str) -> None:
+    """Both splits need scenes: an empty val split would train, score mAP 0.0 and fail at the end."""
+    present = {split_of[s["name"]] for s in nusc.scene if s["name"] in split_of}
+    for split, key in zip(("train", "val"), SPLITS[version], strict=True):
+        if split not in present:
+            raise PackError(
+                f"{Path(dataroot) / version}: the {split} split is empty (no scene of nuscenes.utils.splits.{key}); "
+                f"every stage needs both splits (synthetic world: set synth.{split}_scenes >= 1 and re-run synth)"
+            )
 
 
 def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float], classes: list[str]) -> dict:
@@ -142,6 +204,7 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
     train_key, val_key = SPLITS[version]
     split_of = {name: "train" for name in getattr(splits, train_key)}
     split_of.update({name: "val" for name in getattr(splits, val_key)})
+    _check_no_empty_split(nusc, split_of, dataroot, version)
 
     with atomic_dir(out) as tmp:
         (tmp / "metas").mkdir()

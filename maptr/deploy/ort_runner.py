@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as _ORT_ERRORS
 from torch import Tensor
 
 from maptr.deploy.checker import LEVELS
@@ -54,16 +55,48 @@ def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     return options
 
 
-def create_session(path: str | Path, threads: int, level: str = "all") -> ort.InferenceSession:
-    """An ORT CPU session of ``path`` (see :func:`session_options`); checks the MapTR input / output names."""
+class OnnxModelError(RuntimeError):
+    """An ONNX file that is not a usable model (garbage, truncated): names the file and the fix."""
+
+
+def _unreadable(path: Path, exc: BaseException) -> OnnxModelError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return OnnxModelError(f"{path}: not a readable ONNX model (truncated or corrupt: {first}); re-run the "
+                          "export / compile stage that writes it")  # fmt: skip
+
+
+def check_onnx_readable(path: str | Path) -> None:
+    """Parse and check ``path`` before any work is spent on it (onnx.load and the ONNX checker)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ONNX model not found; run the export / compile stage (dvc repro)")
-    session = ort.InferenceSession(str(path), session_options(threads, level), providers=["CPUExecutionProvider"])
+    try:
+        onnx.checker.check_model(onnx.load(str(path)))
+    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def create_session(path: str | Path, threads: int, level: str = "all") -> ort.InferenceSession:
+    """An ORT CPU session of ``path`` (see :func:`session_options`); checks the MapTR input / output names.
+    A file ORT cannot load is an OnnxModelError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ONNX model not found; run the export / compile stage (dvc repro)")
+    options = session_options(threads, level)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (_ORT_ERRORS.InvalidProtobuf, _ORT_ERRORS.InvalidGraph, _ORT_ERRORS.Fail) as exc:
+        raise _unreadable(path, exc) from None
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())
     if inputs != INPUT_NAMES or outputs != OUTPUT_NAMES:
-        raise ValueError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {inputs} -> {outputs}")
+        raise OnnxModelError(
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {inputs} -> {outputs}; "
+            "give a MapTR model written by the export / compile stage"
+        )
     return session
 
 
