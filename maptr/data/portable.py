@@ -62,8 +62,9 @@ def write_portable(dataset: PackedMapDataset, indices: Sequence[int], out: str |
             raise CorruptRecordError(f"{dataset.record_name(i)}: cameras {rec.cams} differ from {cams}")
     jpegs = [j for rec in records for j in rec.jpegs]
     offsets = np.cumsum([0, *(len(j) for j in jpegs)]).astype(np.int64)
-    samples = [{**dataset.samples[i], "key": pos, "source_key": dataset.samples[i]["key"]}
-               for pos, i in enumerate(indices)]  # fmt: skip
+    samples = [
+        {**dataset.samples[i], "key": pos, "source_key": dataset.samples[i]["key"]} for pos, i in enumerate(indices)
+    ]
     info = {**dataset.info, "source": f"{dataset.root} {dataset.split}", "num_samples": len(samples)}
     arrays: dict[str, np.ndarray] = {
         "format": np.array(FORMAT),
@@ -78,8 +79,12 @@ def write_portable(dataset: PackedMapDataset, indices: Sequence[int], out: str |
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez(f, **arrays)
     width, height = (int(v) for v in arrays["image_sizes"][0, 0])
-    return {"samples": len(records), "cameras": len(cams), "image_size": [width, height],
-            "bytes": Path(out).stat().st_size}  # fmt: skip
+    return {
+        "samples": len(records),
+        "cameras": len(cams),
+        "image_size": [width, height],
+        "bytes": Path(out).stat().st_size,
+    }
 
 
 class PortableMapDataset(PackedMapDataset):
@@ -130,9 +135,11 @@ class PortableMapDataset(PackedMapDataset):
         first = index * ncam
         jpegs = [self._jpeg_data[self._offsets[k] : self._offsets[k + 1]].tobytes() for k in range(first, first + ncam)]
         return SampleRecord(
-            token=self._tokens[index], cams=list(self.cams), jpegs=jpegs,
+            token=self._tokens[index],
+            cams=list(self.cams),
+            jpegs=jpegs,
             **{name: array[index] for name, array in self._geometry.items()},
-        )  # fmt: skip
+        )
 
     @property
     def image_size(self) -> tuple[int, int]:
