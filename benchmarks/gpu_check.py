@@ -141,9 +141,12 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _configure_device() -> None:
-    """Fixed input shapes: let cuDNN pick the fastest convolution algorithms once."""
+def _configure_device(cpu_smoke: bool) -> None:
+    """Fixed input shapes: let cuDNN pick the fastest convolution algorithms once. The CPU smoke run uses
+    one thread: its tensors are small, and on a shared machine a second thread waits for a busy core."""
     torch.backends.cudnn.benchmark = True
+    if cpu_smoke:
+        torch.set_num_threads(1)
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def train_worker(args: argparse.Namespace) -> int:
     from maptr.gpucheck.train_bench import train_bench
     from maptr.training.distributed import cleanup, init_distributed
 
-    _configure_device()
+    _configure_device(args.cpu_smoke)
     sizes = chosen_sizes(args)
     ctx = init_distributed()
     cores = os.cpu_count() or 2
@@ -213,6 +216,7 @@ def run_train_phase(args: argparse.Namespace, sizes: dict[str, Any], nproc: int)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         if args.cpu_smoke:
             env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run's ranks use the CPU (gloo) even beside a GPU
+            env["OMP_NUM_THREADS"] = "1"
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:
             status = proc.wait(timeout=sizes["train_timeout_s"])
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = check_data(args.data, require_nuscenes_size=not args.cpu_smoke)
     except (ParamsError, CheckDataError, json.JSONDecodeError, ValueError) as exc:
         return _fail(str(exc))
-    _configure_device()
+    _configure_device(args.cpu_smoke)
     sizes = chosen_sizes(args)
     device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
     nproc = args.nproc or (1 if args.cpu_smoke else torch.cuda.device_count())

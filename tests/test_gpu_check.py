@@ -1,0 +1,200 @@
+"""The GPU check: its CPU smoke run end to end (as the GPU machines would import it), its data, its
+errors, and the device handling it relies on (bf16 autocast steps, step phases)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PC_RANGE, write_micro_params
+
+from maptr.config import TrainConfig, load_model_config, load_params
+from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
+from maptr.data.portable import PortableMapDataset, write_portable
+from maptr.data.records import CorruptRecordError
+from maptr.gpucheck.common import RepeatedDataset
+from maptr.gpucheck.data import CheckDataError, check_data, write_manifest
+from maptr.gpucheck.report import not_on_gpu_machine
+from maptr.models.maptr import build_maptr
+from maptr.training.criterion import build_criterion
+from maptr.training.device import PHASES, StepPhases, autocast_dtype, float_outputs
+from maptr.training.distributed import DistContext
+from maptr.training.tracking import StageRun
+from maptr.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+# What the GPU machines lack (the device image): the check's import path must not need any of them.
+ABSENT_ON_GPU_MACHINE = ("lmdb", "shapely", "nuscenes", "mlflow", "dvc", "pyquaternion")
+
+
+@pytest.fixture(scope="module")
+def check_data_dir(packed_world, tmp_path_factory) -> Path:
+    """A GPU-check data folder from the tiny world's train split (480x270: the smoke run's sizes)."""
+    folder = tmp_path_factory.mktemp("gpu_check_data")
+    train = PackedMapDataset(packed_world, "train", DatasetOptions())
+    write_portable(train, list(range(len(train))), folder / "r50.npz")
+    write_portable(train, list(range(len(train))), folder / "learn.npz")
+    write_manifest(folder, {"pc_range": PC_RANGE, "made_by": "tests"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blocked_imports(tmp_path_factory) -> Path:
+    """A folder that, first on PYTHONPATH, makes each package the GPU machines lack fail to import."""
+    folder = tmp_path_factory.mktemp("blocked")
+    for name in ABSENT_ON_GPU_MACHINE:
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    return folder
+
+
+def run_check(*args: str, env_extra: dict[str, str] | None = None, pythonpath: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(REPO)])), **(env_extra or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cpu_smoke_runs_every_phase_with_what_the_gpu_machine_has(check_data_dir, blocked_imports, tmp_path):
+    """--cpu-smoke: the torchrun train phase (fp32 and bf16), inference (float and fake-quant, fp32 and bf16)
+    and the learning run, with lmdb / shapely / nuscenes / mlflow / dvc unimportable; report and table."""
+    out = tmp_path / "report.json"
+    proc = run_check("--cpu-smoke", "--data", str(check_data_dir), "--out", str(out), pythonpath=str(blocked_imports))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["cpu_smoke"] and report["verdict"] == {"ok": True, "problems": []}
+    train = report["phases"]["train"]["result"]
+    assert train["world_size"] == 1 and train["preset"] == "nano" and train["image_size"] == [192, 64]
+    for name, autocast in (("fp32", "none"), ("bf16", "bfloat16")):
+        p = train["precisions"][name]
+        assert p["autocast"] == autocast and 1 <= p["timed_steps"] <= 2 and p["samples_per_s"] > 0
+        assert np.isfinite([p["loss_first"], p["loss_last"]]).all()
+        split = p["split"]
+        parts = sum(split[k]["mean_ms"] for k in PHASES)
+        assert parts == pytest.approx(split["total"]["mean_ms"], rel=1e-6)
+        assert split["forward"]["median_ms"] > 0 and split["backward"]["median_ms"] > 0
+    infer = report["phases"]["infer"]["result"]
+    assert infer["frame"]["img"] == [1, 6, 3, 64, 192] and infer["fake_quant"]["activation_quants"] > 50
+    for model in ("float", "fake-quant QAT"):
+        for precision in ("fp32", "bf16"):
+            assert infer["models"][model][precision]["fps"] > 0
+    learn = report["phases"]["learn"]["result"]
+    assert learn["steps"] == 2 and len(learn["curve"]) == 1 and 0.0 <= learn["curve"][0]["mAP"] <= 1.0
+    assert report["multi_gpu_sync"].startswith("not exercised: world size 1")
+    assert report["modules_not_on_gpu_machine"] == [] and not set(ABSENT_ON_GPU_MACHINE) & set(report["modules"])
+    table = out.with_suffix(".md").read_text()
+    assert "NOT exercised" in table and "fake-quant QAT" in table and "14.1 FPS" in table and "26.68 FPS" in table
+
+
+def test_without_cuda_it_stops_with_one_line_and_exit_2(check_data_dir):
+    proc = run_check("--data", str(check_data_dir), env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: no CUDA device")
+    assert "--cpu-smoke" in proc.stderr
+
+
+def test_missing_data_and_bad_sizes_are_one_line_errors(tmp_path, check_data_dir):
+    proc = run_check("--cpu-smoke", "--data", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "nowhere/manifest.json: GPU-check data not found" in proc.stderr and "make gpu-check-data" in proc.stderr
+    proc = run_check("--cpu-smoke", "--data", str(check_data_dir), "--set", "learn_max_steps=many")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --set learn_max_steps=many: expected KEY=INT")
+
+
+def test_check_data_detects_changed_files_and_small_images(check_data_dir, tmp_path):
+    with pytest.raises(CheckDataError, match=r"r50.npz: images are 480x270, the r50 figures need nuScenes' 1600x900"):
+        check_data(check_data_dir)
+    manifest = check_data(check_data_dir, require_nuscenes_size=False)
+    assert manifest["files"]["learn.npz"]["samples"] == 8
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("r50.npz", "learn.npz", "manifest.json"):
+        (copy / name).write_bytes((check_data_dir / name).read_bytes())
+    data = bytearray((copy / "learn.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "learn.npz").write_bytes(bytes(data))
+    with pytest.raises(CheckDataError, match=r"learn.npz: differs from .*manifest.json .*make gpu-check-data"):
+        check_data(copy, require_nuscenes_size=False)
+
+
+def test_portable_set_gives_the_lmdb_items(packed_world, check_data_dir, tmp_path):
+    """Same records, same code: every tensor of every item and the metric's ground truth are equal."""
+    opts = DatasetOptions(image_size=(192, 64), num_pts=10, augment=True, seed=3)
+    lmdb_set, portable = PackedMapDataset(packed_world, "train", opts), PortableMapDataset(check_data_dir / "r50.npz", opts)
+    assert len(portable) == len(lmdb_set) == 8 and portable.image_size == (480, 270)
+    for index in (0, 5):
+        a, b = lmdb_set[index], portable[index]
+        assert a["meta"]["token"] == b["meta"]["token"]
+        for key in a.keys() - {"meta"}:
+            assert torch.equal(a[key], b[key]), key
+        ga, gb = lmdb_set.ground_truth(index), portable.ground_truth(index)
+        assert np.array_equal(ga["labels"], gb["labels"])
+        assert all(np.array_equal(x, y) for x, y in zip(ga["vectors"], gb["vectors"], strict=True))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(CorruptRecordError, match=r"bad.npz: not a readable .npz .*make gpu-check-data"):
+        PortableMapDataset(bad, opts)
+    with pytest.raises(FileNotFoundError, match=r"missing.npz: portable packed set not found"):
+        PortableMapDataset(tmp_path / "missing.npz", opts)
+
+
+def test_repeated_dataset_cycles_and_forwards_the_epoch(check_data_dir):
+    base = PortableMapDataset(check_data_dir / "learn.npz", DatasetOptions(image_size=(96, 32), augment=True))
+    repeated = RepeatedDataset(base, 20)
+    assert len(repeated) == 20 and repeated[9]["meta"]["index"] == 1
+    repeated.set_epoch(3)
+    assert base.epoch == 3
+    with pytest.raises(IndexError):
+        repeated[20]
+
+
+def test_autocast_rule_and_float_outputs():
+    assert autocast_dtype(torch.device("cpu"), True) is None
+    assert autocast_dtype(torch.device("cuda"), True) is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), False) is None
+    f32, idx = torch.ones(2), torch.arange(3)
+    out = float_outputs({"a": torch.ones(2, dtype=torch.bfloat16), "b": [f32, (idx,)], "c": "x"})
+    assert out["a"].dtype == torch.float32 and out["b"][0] is f32 and out["b"][1][0] is idx and out["c"] == "x"
+
+
+def test_bf16_autocast_step_through_the_trainer_and_its_phases(packed_world, tmp_path, one_thread):
+    """The trainer's step with bf16 autocast (forced on the CPU): finite losses computed in float32 and
+    parameters that move; StepPhases splits the step into parts that add up to it."""
+    params = load_params(write_micro_params(tmp_path))
+    model_cfg = load_model_config(params)
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, ckpt_every_steps=0)
+    train = PackedMapDataset(packed_world, "train", DatasetOptions.from_model(model_cfg))
+    torch.manual_seed(0)
+    trainer = Trainer(
+        model=build_maptr(model_cfg), criterion=build_criterion(model_cfg), train_set=train,
+        validate=lambda m: {"mAP": 0.0}, cfg=cfg, ctx=DistContext(), tracker=StageRun("t", {}, enabled=False),
+        stage="float", preset="micro", best_path=tmp_path / "b.pt", last_path=tmp_path / "l.pt",
+    )  # fmt: skip
+    assert trainer.autocast_dtype is None  # float.bf16 is off, and CUDA-only anyway
+    trainer.autocast_dtype = torch.bfloat16
+    seen: list[torch.dtype] = []
+    trainer.criterion.register_forward_pre_hook(lambda _, args: seen.append(args[0]["pred_logits"].dtype))
+    phases = StepPhases(trainer.model, trainer.criterion, trainer.optimizer, torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    batch = collate([train[0], train[1]])
+    for _ in range(2):
+        phases.begin()
+        logs = trainer._step(batch)
+        split = phases.end()
+        assert np.isfinite(logs["loss"]) and sum(split[k] for k in PHASES) == pytest.approx(split["total"])
+    assert seen == [torch.float32, torch.float32]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    phases.remove()
+    phases.begin()
+    with pytest.raises(RuntimeError, match=r"did not pass \['forward_end', 'forward_start', 'loss_end'"):
+        phases.end()
+
+
+def test_modules_list_flags_what_the_gpu_machine_lacks():
+    assert not_on_gpu_machine(["torch", "numpy", "cv2", "pydot", "yaml"]) == []
+    assert not_on_gpu_machine(["torch", "lmdb", "shapely"]) == ["lmdb", "shapely"]
