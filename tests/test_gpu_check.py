@@ -15,11 +15,12 @@ import torch
 from conftest import PC_RANGE, write_micro_params
 
 from maptr.config import TrainConfig, load_model_config, load_params
-from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
+from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg, decode_views
 from maptr.data.portable import PortableMapDataset, write_portable
 from maptr.data.records import CorruptRecordError
-from maptr.gpucheck.common import RepeatedDataset
-from maptr.gpucheck.data import CheckDataError, check_data, write_manifest
+from maptr.data.transforms import fit_to_size
+from maptr.gpucheck.common import RepeatedDataset, preset_config
+from maptr.gpucheck.data import CheckDataError, check_data, make_check_data, write_manifest
 from maptr.gpucheck.report import not_on_gpu_machine
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
@@ -125,7 +126,8 @@ def test_check_data_detects_changed_files_and_small_images(check_data_dir, tmp_p
 def test_portable_set_gives_the_lmdb_items(packed_world, check_data_dir, tmp_path):
     """Same records, same code: every tensor of every item and the metric's ground truth are equal."""
     opts = DatasetOptions(image_size=(192, 64), num_pts=10, augment=True, seed=3)
-    lmdb_set, portable = PackedMapDataset(packed_world, "train", opts), PortableMapDataset(check_data_dir / "r50.npz", opts)
+    lmdb_set = PackedMapDataset(packed_world, "train", opts)
+    portable = PortableMapDataset(check_data_dir / "r50.npz", opts)
     assert len(portable) == len(lmdb_set) == 8 and portable.image_size == (480, 270)
     for index in (0, 5):
         a, b = lmdb_set[index], portable[index]
@@ -141,6 +143,35 @@ def test_portable_set_gives_the_lmdb_items(packed_world, check_data_dir, tmp_pat
         PortableMapDataset(bad, opts)
     with pytest.raises(FileNotFoundError, match=r"missing.npz: portable packed set not found"):
         PortableMapDataset(tmp_path / "missing.npz", opts)
+
+
+def test_nuscenes_size_world_packs_and_loads_in_the_r50_preset_at_half_scale(tmp_path):
+    """make_check_data renders 1600x900 cameras (nuScenes' size, intrinsics scaled from n015 exactly), packs
+    them, and the r50 preset (800x480 input, 200x100 BEV, 20 points) loads them: the JPEGs decode at 1/2
+    scale (800x450, padded to 480 rows) with the same projections as a full-size decode and resize."""
+    params = load_params(REPO / "params.yaml")
+    manifest = make_check_data(tmp_path, params, r50_samples=2, learn_scenes=1, learn_samples_per_scene=2)
+    assert manifest["files"]["r50.npz"]["image_size"] == [1600, 900] and manifest["files"]["r50.npz"]["samples"] == 2
+    assert manifest["files"]["learn.npz"]["image_size"] == [480, 270]
+    assert check_data(tmp_path) == manifest  # the GPU run's own check of the folder
+    r50 = preset_config(params, "r50")
+    assert (r50.image_size, r50.bev_h, r50.bev_w, r50.num_vec_one2many) == ([800, 480], 200, 100, 300)
+    dataset = PortableMapDataset(tmp_path / "r50.npz", DatasetOptions.from_model(r50))
+    rec = dataset.read_record(0)
+    assert [tuple(size) for size in rec.image_sizes] == [(1600, 900)] * 6
+    assert rec.intrinsics[0][0, 0] == pytest.approx(1266.4, abs=1.0)  # CAM_FRONT of n015 at 1600 px
+    views, mats = decode_views(rec.jpegs, rec.image_sizes, rec.lidar2img, 800, "rec")
+    assert [v.shape for v in views] == [(450, 800, 3)] * 6  # libjpeg's 1/2-scale decode
+    small, small_mats = fit_to_size(views, mats, 800, 480)
+    full, full_mats = fit_to_size([decode_jpeg(j, "rec") for j in rec.jpegs], rec.lidar2img, 800, 480)
+    np.testing.assert_allclose(small_mats, full_mats, rtol=1e-6, atol=1e-3)
+    assert np.abs(np.stack(small).astype(int) - np.stack(full).astype(int)).mean() < 3
+    assert not np.stack(small)[:, 450:].any()  # 450 rows of picture, 30 rows of padding
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["img"].shape == (2, 6, 3, 480, 800) and batch["bev_seg"].shape == (2, 1, 200, 100)
+    assert batch["pv_seg"].shape == (2, 6, 1, 60, 100) and batch["pv_seg"].sum() > 0
+    assert all(p.shape[1:] == (20, 2) for p in batch["gt_pts"]) and sum(len(p) for p in batch["gt_pts"]) > 0
+    assert all(o.shape[1:] == (38, 20, 2) for o in batch["gt_orders"])
 
 
 def test_repeated_dataset_cycles_and_forwards_the_epoch(check_data_dir):

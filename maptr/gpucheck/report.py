@@ -9,53 +9,11 @@ from typing import Any
 # What the GPU machines' image holds among the modules this code could import (device README / KINDS.md):
 # the check must import nothing else. Top-level import names.
 GPU_MACHINE_MODULES = frozenset(
-    {
-        "torch",
-        "torchvision",
-        "numpy",
-        "cv2",
-        "scipy",
-        "yaml",
-        "tqdm",
-        "onnx",
-        "onnxscript",
-        "onnx_ir",
-        "onnxruntime",
-        "typing_extensions",
-        "sympy",
-        "mpmath",
-        "networkx",
-        "jinja2",
-        "markupsafe",
-        "filelock",
-        "fsspec",
-        "PIL",
-        "packaging",
-        "ml_dtypes",
-        "google",
-        "triton",
-        "pytest",
-        "_pytest",
-        "pluggy",
-        "iniconfig",
-        "pygments",
-        "setuptools",
-        "pkg_resources",
-        "_distutils_hack",
-        "opt_einsum",
-        "psutil",
-        "dateutil",
-        "six",
-        "nvidia",
-        "cuda",
-        "functorch",
-        "torchgen",
-        "_yaml",
-        "attr",
-        "attrs",
-        "coverage",
-        "colorama",
-    }
+    "torch torchvision numpy cv2 scipy yaml tqdm onnx onnxscript onnx_ir onnxruntime typing_extensions "
+    "sympy mpmath networkx jinja2 markupsafe filelock fsspec PIL packaging ml_dtypes google triton pytest "
+    "_pytest pluggy iniconfig pygments setuptools pkg_resources _distutils_hack opt_einsum psutil "
+    "dateutil six nvidia cuda functorch torchgen _yaml attr attrs coverage colorama requests urllib3 idna "
+    "certifi charset_normalizer".split()
 )
 # Imported only where installed (torch.fx's graph drawer tries pydot), or not a package (Cython's extension
 # modules register cython_runtime): a machine without them runs the same code.
