@@ -53,7 +53,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the source tree is the install (PYTHONPATH=. does the same)
 
-import torch  # noqa: E402
+try:
+    import torch
+except ImportError:  # e.g. `make gpu-check` with a python that has no torch
+    print(
+        f"error: {sys.executable} cannot import torch; run with the python that has it (GPU_PYTHON=...)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 from maptr.config import ParamsError, load_params  # noqa: E402
 from maptr.gpucheck.data import CheckDataError, check_data  # noqa: E402

@@ -65,8 +65,10 @@ def format_table(report: dict[str, Any]) -> str:
         for name, p in t["precisions"].items():
             s = p["split"]
             memory = ", ".join(_mib(m) for m in p["peak_memory_mib_per_rank"])
+            oom = p.get("out_of_memory_at_batch")
+            note = f", batch {p['batch_size']} after out of memory at {oom}" if oom else ""
             lines.append(
-                f"| {name} (autocast {p['autocast']}) | {p['samples_per_s']:.2f} | {_ms(s['total'])} | "
+                f"| {name} (autocast {p['autocast']}{note}) | {p['samples_per_s']:.2f} | {_ms(s['total'])} | "
                 f"{_ms(p['data'])} | {_ms(s['to_device'])} | {_ms(s['forward'])} | {_ms(s['loss'])} | "
                 f"{_ms(s['backward'])} | {_ms(s['optimizer'])} | {_ms(s['other'])} | {memory} | "
                 f"{p['loss_first']:.2f} -> {p['loss_last']:.2f} |"

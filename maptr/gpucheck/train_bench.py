@@ -15,6 +15,7 @@ padding, the targets, colour jitter and GridMask.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -167,7 +168,8 @@ def train_bench(
         force_autocast: autocast bf16 on a CPU too (the smoke run checks that path).
     Returns:
         {world_size, sync_bn, batch_size_per_rank, precisions: {name: {samples_per_s (all ranks), step
-        split (ms), data wait (ms), peak memory per rank (MiB), losses}}}.
+        split (ms), data wait (ms), peak memory per rank (MiB), losses, batch_size: per rank as run (halved
+        after an out-of-memory error on a single GPU, listed in out_of_memory_at_batch)}}}.
     """
     model_cfg = preset_config(params, preset)
     samples = PortableMapDataset(data, DatasetOptions.from_model(model_cfg, augment=augment, seed=0, cache_mb=0))
@@ -185,20 +187,34 @@ def train_bench(
     }
     for k, precision in enumerate(precisions):
         share = (time_budget_s - (time.perf_counter() - start)) / (len(precisions) - k)
-        rank_result = _run_precision(
-            params,
-            samples,
-            ctx,
-            preset=preset,
-            precision=precision,
-            batch_size=batch_size,
-            warmup=warmup,
-            steps=steps,
-            num_workers=num_workers,
-            augment=augment,
-            deadline=time.perf_counter() + share,
-            force_autocast=force_autocast,
-        )
+        deadline = time.perf_counter() + share
+        batch, out_of_memory = batch_size, []
+        while True:
+            try:
+                rank_result = _run_precision(
+                    params,
+                    samples,
+                    ctx,
+                    preset=preset,
+                    precision=precision,
+                    batch_size=batch,
+                    warmup=warmup,
+                    steps=steps,
+                    num_workers=num_workers,
+                    augment=augment,
+                    deadline=deadline,
+                    force_autocast=force_autocast,
+                )
+                break
+            except torch.OutOfMemoryError:
+                # One rank alone can retry (several would desynchronise DDP): halve the batch, say so.
+                if ctx.distributed or batch == 1:
+                    raise
+                out_of_memory.append(batch)
+            gc.collect()  # the failed step's tensors, now that the exception is gone
+            torch.cuda.empty_cache()
+            batch //= 2
+        rank_result.update(batch_size=batch, out_of_memory_at_batch=out_of_memory)
         gathered = gather_to_main([rank_result], ctx)
         if gathered is None:
             continue
