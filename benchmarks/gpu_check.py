@@ -64,7 +64,7 @@ except ImportError:  # e.g. `make gpu-check` with a python that has no torch
 
 from maptr.config import ParamsError, load_params  # noqa: E402
 from maptr.gpucheck.data import CheckDataError, check_data  # noqa: E402
-from maptr.gpucheck.report import format_table, not_on_gpu_machine, third_party_modules  # noqa: E402
+from maptr.gpucheck.report import format_table, not_on_gpu_machine, sync_note, third_party_modules  # noqa: E402
 from maptr.training.device import describe_device  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -336,12 +336,7 @@ def finish(report: dict[str, Any], out: Path, t0: float) -> int:
         problems.append(
             f"learn: train-set mAP {learned['best_mAP']:.3f} < {learned['target']} after {learned['steps']} steps"
         )
-    world = phases.get("train", {}).get("result", {}).get("world_size", 1)
-    report["multi_gpu_sync"] = (
-        f"exercised: world size {world}, DDP + SyncBatchNorm"
-        if world > 1
-        else "not exercised: world size 1 (one GPU), no DDP all-reduce, SyncBatchNorm or nccl"
-    )
+    report["multi_gpu_sync"] = sync_note(phases.get("train", {}).get("result"))
     report["modules"] = sorted(set(third_party_modules()) | set(phases.get("train", {}).pop("modules", [])))
     report["modules_not_on_gpu_machine"] = not_on_gpu_machine(report["modules"])
     report["verdict"] = {"ok": not problems, "problems": problems}

@@ -89,7 +89,8 @@ def test_cpu_smoke_runs_every_phase_with_what_the_gpu_machine_has(check_data_dir
     assert report["multi_gpu_sync"].startswith("not exercised: world size 1")
     assert report["modules_not_on_gpu_machine"] == [] and not set(ABSENT_ON_GPU_MACHINE) & set(report["modules"])
     table = out.with_suffix(".md").read_text()
-    assert "NOT exercised" in table and "fake-quant QAT" in table and "14.1 FPS" in table and "26.68 FPS" in table
+    assert "Multi-GPU synchronisation: not exercised" in table and "fake-quant QAT" in table
+    assert "14.1 FPS on NVIDIA RTX 3090" in table and "26.68 FPS on Horizon J6E" in table
 
 
 def test_without_cuda_it_stops_with_one_line_and_exit_2(check_data_dir):
@@ -229,3 +230,31 @@ def test_bf16_autocast_step_through_the_trainer_and_its_phases(packed_world, tmp
 def test_modules_list_flags_what_the_gpu_machine_lacks():
     assert not_on_gpu_machine(["torch", "numpy", "cv2", "pydot", "yaml"]) == []
     assert not_on_gpu_machine(["torch", "lmdb", "shapely"]) == ["lmdb", "shapely"]
+
+
+def test_out_of_memory_on_one_device_halves_the_batch(check_data_dir, monkeypatch):
+    """train_bench retries a precision at half the batch after an out-of-memory error (one rank only) and
+    says so; a batch of 1 that does not fit is an error."""
+    import maptr.gpucheck.train_bench as tb
+
+    tried: list[tuple[str, int]] = []
+
+    def fake_run(params, samples, ctx, *, precision, batch_size, **kwargs):
+        tried.append((precision, batch_size))
+        if batch_size > (1 if precision == "bf16" else 2):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        split = {"total": {"n": 1, "median_ms": 10.0}}
+        return {"samples_per_s_rank": 1.0, "peak_memory_mib": None, "split": split, "timed_steps": 1}
+
+    monkeypatch.setattr(tb, "_run_precision", fake_run)
+    params = load_params(REPO / "params.yaml")
+    out = tb.train_bench(params, check_data_dir / "r50.npz", DistContext(), preset="nano", batch_size=4, warmup=1,
+                         steps=1, num_workers=0, time_budget_s=10)  # fmt: skip
+    assert tried == [("fp32", 4), ("fp32", 2), ("bf16", 4), ("bf16", 2), ("bf16", 1)]
+    fp32, bf16 = out["precisions"]["fp32"], out["precisions"]["bf16"]
+    assert fp32["batch_size"] == 2 and fp32["out_of_memory_at_batch"] == [4]
+    assert bf16["batch_size"] == 1 and bf16["out_of_memory_at_batch"] == [4, 2]
+    monkeypatch.setattr(tb, "_run_precision", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(torch.OutOfMemoryError):
+        tb.train_bench(params, check_data_dir / "r50.npz", DistContext(), preset="nano", batch_size=1, warmup=1,
+                       steps=1, num_workers=0, time_budget_s=10)  # fmt: skip

@@ -31,6 +31,18 @@ def third_party_modules() -> list[str]:
     return sorted(n for n in names if n not in sys.stdlib_module_names and not n.startswith("_") and n != "maptr")
 
 
+def sync_note(train: dict[str, Any] | None) -> str:
+    """Whether the train phase exercised multi-GPU synchronisation, in words."""
+    if not train:
+        return "unknown: the train phase gave no result"
+    world = train["world_size"]
+    if world == 1:
+        return "not exercised: world size 1 (one device), so no DDP all-reduce, SyncBatchNorm or nccl"
+    if train["sync_bn"]:
+        return f"exercised: world size {world}, DDP all-reduce over nccl, SyncBatchNorm"
+    return f"partly exercised: world size {world} on CPUs, DDP all-reduce over gloo; SyncBatchNorm and nccl not"
+
+
 def _ms(stats: dict[str, Any] | None) -> str:
     if not stats or not stats.get("n"):
         return "-"
@@ -73,17 +85,8 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{_ms(s['backward'])} | {_ms(s['optimizer'])} | {_ms(s['other'])} | {memory} | "
                 f"{p['loss_first']:.2f} -> {p['loss_last']:.2f} |"
             )
-        sync = (
-            "SyncBatchNorm and DDP all-reduce over nccl exercised"
-            if t["world_size"] > 1
-            else "world size 1: multi-GPU synchronisation (DDP all-reduce, SyncBatchNorm, nccl) NOT exercised"
-        )
-        lines += [
-            "",
-            f"Medians of {t['precisions'] and next(iter(t['precisions'].values()))['timed_steps']} timed "
-            f"steps per precision (ms). {sync}.",
-            "",
-        ]
+        timed = ", ".join(f"{name} {p['timed_steps']}" for name, p in t["precisions"].items())
+        lines += ["", f"Medians over the timed steps ({timed}), ms. Multi-GPU synchronisation: {sync_note(t)}.", ""]
     infer = report["phases"].get("infer", {})
     if "result" in infer:
         r = infer["result"]

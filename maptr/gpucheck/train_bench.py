@@ -35,6 +35,11 @@ from maptr.training.tracking import StageRun
 from maptr.training.trainer import Trainer
 
 
+def _sync_bn(ctx: DistContext) -> bool:
+    """SyncBatchNorm with more than one GPU (torch's SyncBatchNorm has no CPU kernel: gloo runs plain BN)."""
+    return ctx.world_size > 1 and ctx.device.type == "cuda"
+
+
 def _all_agree_to_stop(stop: bool, ctx: DistContext) -> bool:
     """True on every rank when any rank wants to stop (ranks must run the same number of DDP steps)."""
     if not ctx.distributed:
@@ -70,7 +75,7 @@ def _run_precision(
         ckpt_every_steps=0,
         log_every_steps=10**9,
         augment=augment,
-        sync_bn=ctx.world_size > 1,
+        sync_bn=_sync_bn(ctx),
         bf16=precision == "bf16",
         cache_mb=0,
     )
@@ -176,7 +181,7 @@ def train_bench(
     start = time.perf_counter()
     out: dict[str, Any] = {
         "world_size": ctx.world_size,
-        "sync_bn": ctx.world_size > 1,
+        "sync_bn": _sync_bn(ctx),
         "preset": preset,
         "batch_size_per_rank": batch_size,
         "num_workers": num_workers,
