@@ -109,9 +109,11 @@ def format_table(report: dict[str, Any]) -> str:
     if "result" in learn:
         x = learn["result"]
         s = x["settings"]
-        verdict = (
-            f"PASSED at step {x['steps_to_target']}" if x["passed"] else "NOT passed"
-        ) + f" (best train-set mAP {x['best_mAP']:.3f}, target {x['target']})"
+        if x["passed"]:
+            verdict = f"PASSED at step {x['steps_to_target']}"
+        else:
+            verdict = "not judged (a smoke run's steps are too few to learn)" if report["cpu_smoke"] else "NOT passed"
+        verdict += f" (best train-set mAP {x['best_mAP']:.3f}, target {x['target']})"
         lines += [
             f"## Does it learn: {s['preset']} on {s['samples']} samples, batch {s['batch_size']}, at most "
             f"{s['max_steps']} steps",
