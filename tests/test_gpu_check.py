@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import PC_RANGE, write_micro_params
 
-from maptr.config import TrainConfig, load_model_config, load_params
+from maptr.config import SynthConfig, TrainConfig, load_model_config, load_params, load_section
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg, decode_views
+from maptr.data.packing import pack_nuscenes
 from maptr.data.portable import PortableMapDataset, write_portable
 from maptr.data.records import CorruptRecordError
+from maptr.data.synthetic import generate_world
 from maptr.data.transforms import fit_to_size
 from maptr.gpucheck.common import RepeatedDataset, preset_config
 from maptr.gpucheck.data import CheckDataError, check_data, make_check_data, write_manifest
@@ -147,17 +149,23 @@ def test_portable_set_gives_the_lmdb_items(packed_world, check_data_dir, tmp_pat
 
 
 def test_nuscenes_size_world_packs_and_loads_in_the_r50_preset_at_half_scale(tmp_path):
-    """make_check_data renders 1600x900 cameras (nuScenes' size, intrinsics scaled from n015 exactly), packs
-    them, and the r50 preset (800x480 input, 200x100 BEV, 20 points) loads them: the JPEGs decode at 1/2
-    scale (800x450, padded to 480 rows) with the same projections as a full-size decode and resize."""
+    """synth at 1600x900 (nuScenes' size through the synth.image_width / image_height params; intrinsics
+    scaled from n015 exactly), packed to LMDB, loads in the r50 preset (800x480 input, 200x100 BEV, 20
+    points): the JPEGs decode at 1/2 scale (800x450, padded to 480 rows) with the projections of a
+    full-size decode and resize; the portable copy of the GPU check gives the same items."""
     params = load_params(REPO / "params.yaml")
-    manifest = make_check_data(tmp_path, params, r50_samples=2, learn_scenes=1, learn_samples_per_scene=2)
-    assert manifest["files"]["r50.npz"]["image_size"] == [1600, 900] and manifest["files"]["r50.npz"]["samples"] == 2
-    assert manifest["files"]["learn.npz"]["image_size"] == [480, 270]
-    assert check_data(tmp_path) == manifest  # the GPU run's own check of the folder
+    synth = load_section(params, "synth", SynthConfig)
+    world = tmp_path / "nuscenes"
+    generate_world(
+        world, seed=synth.seed, version=synth.version, train_scenes=1, val_scenes=0, samples_per_scene=2,
+        image_width=1600, image_height=900, jpeg_quality=synth.jpeg_quality, workers=1, check_variety=False,
+        progress=False,
+    )  # fmt: skip
+    pack_nuscenes(dataroot=str(world), version=synth.version, out=str(tmp_path / "packed"), pc_range=PC_RANGE,
+                  classes=["divider", "ped_crossing", "boundary"])  # fmt: skip
     r50 = preset_config(params, "r50")
     assert (r50.image_size, r50.bev_h, r50.bev_w, r50.num_vec_one2many) == ([800, 480], 200, 100, 300)
-    dataset = PortableMapDataset(tmp_path / "r50.npz", DatasetOptions.from_model(r50))
+    dataset = PackedMapDataset(tmp_path / "packed", "train", DatasetOptions.from_model(r50))
     rec = dataset.read_record(0)
     assert [tuple(size) for size in rec.image_sizes] == [(1600, 900)] * 6
     assert rec.intrinsics[0][0, 0] == pytest.approx(1266.4, abs=1.0)  # CAM_FRONT of n015 at 1600 px
@@ -173,6 +181,18 @@ def test_nuscenes_size_world_packs_and_loads_in_the_r50_preset_at_half_scale(tmp
     assert batch["pv_seg"].shape == (2, 6, 1, 60, 100) and batch["pv_seg"].sum() > 0
     assert all(p.shape[1:] == (20, 2) for p in batch["gt_pts"]) and sum(len(p) for p in batch["gt_pts"]) > 0
     assert all(o.shape[1:] == (38, 20, 2) for o in batch["gt_orders"])
+    write_portable(dataset, [1], tmp_path / "r50.npz")
+    portable = PortableMapDataset(tmp_path / "r50.npz", DatasetOptions.from_model(r50))
+    assert all(torch.equal(portable[0][k], dataset[1][k]) for k in ("img", "lidar2img", "gt_pts", "pv_seg"))
+
+
+def test_make_check_data_writes_both_sets_and_a_manifest_the_gpu_run_accepts(tmp_path):
+    manifest = make_check_data(tmp_path, load_params(REPO / "params.yaml"), r50_samples=1, learn_scenes=1,
+                               learn_samples_per_scene=2)  # fmt: skip
+    r50, learn = manifest["files"]["r50.npz"], manifest["files"]["learn.npz"]
+    assert (r50["image_size"], r50["samples"], learn["image_size"], learn["samples"]) == ([1600, 900], 1, [480, 270], 2)
+    assert r50["bytes"] < 1.5e6 and learn["bytes"] < 0.5e6
+    assert check_data(tmp_path) == manifest  # what benchmarks/gpu_check.py checks before it starts
 
 
 def test_repeated_dataset_cycles_and_forwards_the_epoch(check_data_dir):
