@@ -34,8 +34,9 @@ H100 including start-up (imports, CUDA context, the torchrun job's start: ~20-40
 - infer: 10 warm-up + 50 timed frames per configuration (4), within 50 s (at least one frame each);
 - learn: what is left of the deadline, at most 160 s, checked at each validation (every 50 steps, at
   most 1000 steps); it stops at the first validation at or above the target. These settings on the
-  pipeline's shared 2-core CPU (1 thread, 2026-12-07): train-set mAP 0.09 / 0.18 / 0.33 at steps 50 /
-  100 / 150, passed at step 150 in 211 s (~1-1.5 s per step); a GPU step of nano takes a fraction of that.
+  pipeline's shared 2-core CPU (1 thread, 2026-12-07, the map GT and chamfer metric of 2c2c0ff, shapely
+  unimportable): train-set mAP 0.02 / 0.19 / 0.35 at steps 50 / 100 / 150, passed at step 150 (1-4 s
+  per step on the loaded machine); a GPU step of nano takes a fraction of that.
 A phase that runs out of time stops early and says so in the report.
 """
 
