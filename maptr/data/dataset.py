@@ -13,9 +13,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
-import lmdb
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
@@ -24,6 +24,9 @@ from maptr.data.records import MAGIC, CorruptRecordError, SampleRecord
 from maptr.data.seg_targets import bev_mask, pv_masks
 from maptr.data.transforms import MultiViewImageTransform, fit_to_size
 from maptr.data.vectors import equivalent_orders, is_closed, resample_polyline
+
+if TYPE_CHECKING:  # lmdb is imported where an LMDB is opened: the GPU check's machines have no lmdb
+    import lmdb
 
 
 @dataclass
@@ -61,6 +64,8 @@ def _open_readonly(path: Path, keys: list[int]) -> lmdb.Environment:
     """One read-only environment per LMDB and process: LMDB refuses to open the same file twice in a
     process, and an environment must not cross a fork (each DataLoader worker opens its own). Each fresh
     environment is checked to hold the records ``keys`` (:func:`check_lmdb`)."""
+    import lmdb
+
     key = str(path.resolve())
     pid, env = _ENVS.get(key, (None, None))
     if pid != os.getpid():
@@ -178,22 +183,29 @@ class PackedMapDataset(Dataset):
             metas = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise CorruptRecordError(f"{meta_path}: malformed metas ({exc}); re-run the pack stage") from None
-        self.info = metas["info"]
-        self.samples = metas["samples"]
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._setup(metas["info"], metas["samples"], opts, str(meta_path))
+        self._lmdb()  # checked now: a truncated LMDB must fail before any work, with its path
+
+    def _setup(self, info: dict[str, Any], samples: list[dict[str, Any]], opts: DatasetOptions, where: str) -> None:
+        """State shared with datasets over other record stores (``maptr.data.portable``): the metas, the
+        transform, the epoch and the item cache. ``where`` names the metas' file in errors."""
+        self.info = info
+        self.samples = samples
+        self.opts = opts
         if not self.samples:  # written by an older pack, which did not refuse an empty split
+            split = getattr(self, "split", "this")
             raise CorruptRecordError(
-                f"{meta_path}: the {split} split is empty (0 samples); re-run pack on data with {split} scenes "
+                f"{where}: the {split} split is empty (0 samples); re-run pack on data with {split} scenes "
                 f"(synthetic world: synth.{split}_scenes >= 1, then re-run synth and pack)"
             )
         if list(self.info["pc_range"]) != list(opts.pc_range):
             raise ValueError(
-                f"{meta_path}: packed with pc_range {self.info['pc_range']} but the model uses "
+                f"{where}: packed with pc_range {self.info['pc_range']} but the model uses "
                 f"{list(opts.pc_range)}; re-run pack with the same pack.pc_range"
             )
         self.transform = MultiViewImageTransform(augment=opts.augment, yuv=opts.yuv)
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
-        self._lmdb()  # checked now: a truncated LMDB must fail before any work, with its path
         self.epoch = 0
         self._cached: dict[int, dict] = {}  # index -> _prepare(index), up to opts.cache_mb
         self._cached_bytes = 0
@@ -222,9 +234,13 @@ class PackedMapDataset(Dataset):
             raise CorruptRecordError(f"{self.lmdb_path}: record {key} missing; re-run the pack stage")
         return blob
 
+    def record_name(self, index: int) -> str:
+        """Names sample ``index``'s record in errors (the store and the key)."""
+        return f"{self.lmdb_path} record {self.samples[index]['key']}"
+
     def read_record(self, index: int) -> SampleRecord:
         key = self.samples[index]["key"]
-        return SampleRecord.decode(self._txn_get(key), f"{self.lmdb_path} record {key}")
+        return SampleRecord.decode(self._txn_get(key), self.record_name(index))
 
     def ground_truth(self, index: int) -> dict:
         """Ground truth at full resolution for the metric: vectors list of (K_i, 2) meters, labels (N,)."""
@@ -250,7 +266,7 @@ class PackedMapDataset(Dataset):
         targets. Only the random augmentation and the tensor conversion come after it."""
         opts = self.opts
         record = self.read_record(index)
-        where = f"{self.lmdb_path} record {self.samples[index]['key']}"
+        where = self.record_name(index)
         width, height = opts.image_size
         images, lidar2img = decode_views(record.jpegs, record.image_sizes, record.lidar2img, width, where)
         images, lidar2img = fit_to_size(images, lidar2img, width, height)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from maptr.config import TrainConfig
 from maptr.data.dataset import PackedMapDataset, collate
 from maptr.training.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, save_checkpoint
+from maptr.training.device import autocast, autocast_dtype, float_outputs
 from maptr.training.distributed import DistContext, barrier, mean_across_ranks
 from maptr.training.schedule import build_scheduler
 from maptr.training.tracking import StageRun
@@ -125,6 +126,8 @@ class Trainer:
         if ctx.distributed and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
+        # bf16 autocast of the forward (float.bf16, CUDA only); the GPU check's --cpu-smoke sets it on a CPU
+        self.autocast_dtype = autocast_dtype(ctx.device, cfg.bf16)
         self.ddp = DistributedDataParallel(model, find_unused_parameters=False) if ctx.distributed else None
         self.sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, cfg.seed)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
@@ -237,6 +240,7 @@ class Trainer:
             collate_fn=collate,
             drop_last=True,
             persistent_workers=False,
+            pin_memory=self.ctx.device.type == "cuda",  # page-locked batches: the non_blocking copies overlap
             # worker seeds from a per-epoch generator, never from the global RNG that dropout uses
             generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch),
         )
@@ -245,10 +249,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         net = self.ddp or self.model
         batch = _to_device(batch, ctx.device)
-        use_bf16 = cfg.bf16 and ctx.device.type == "cuda"
-        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(ctx.device, self.autocast_dtype):
             outputs = net(batch["img"], batch["lidar2img"])
-        losses = self.criterion(outputs, batch)
+        losses = self.criterion(float_outputs(outputs), batch)  # losses and matching in float32
         total = self.criterion.total_loss(losses)
         if not torch.isfinite(total):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
