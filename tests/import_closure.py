@@ -29,8 +29,8 @@ def module_file(name: str) -> Path | None:
 def imported_names(path: Path) -> set[str]:
     """Dotted names ``path`` imports (``from a import b`` gives ``a`` and ``a.b``; relative imports resolved)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    rel = path.relative_to(REPO).with_suffix("")
-    package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    # the package a relative import starts from: a module's folder (a package's own, for its __init__.py)
+    package = list(path.relative_to(REPO).parts[:-1])
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
