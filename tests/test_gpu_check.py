@@ -157,7 +157,7 @@ def test_nuscenes_size_world_packs_and_loads_in_the_r50_preset_at_half_scale(tmp
     synth = load_section(params, "synth", SynthConfig)
     world = tmp_path / "nuscenes"
     generate_world(
-        world, seed=synth.seed, version=synth.version, train_scenes=1, val_scenes=0, samples_per_scene=2,
+        world, seed=synth.seed, version=synth.version, train_scenes=1, val_scenes=1, samples_per_scene=2,
         image_width=1600, image_height=900, jpeg_quality=synth.jpeg_quality, workers=1, check_variety=False,
         progress=False,
     )  # fmt: skip

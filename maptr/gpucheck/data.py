@@ -63,7 +63,7 @@ def _world_and_pack(
         seed=seed,
         version=version,
         train_scenes=scenes,
-        val_scenes=0,
+        val_scenes=1,  # pack refuses an empty split; the check reads the train split only
         samples_per_scene=samples,
         image_width=size[0],
         image_height=size[1],
