@@ -23,13 +23,18 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from maptr.deploy.graph_index import producers as graph_producers
+from maptr.deploy.onnx_graph import (
+    GraphPass,
+    attribute,
+    constant,
+    copy_model,
+    initializer_map,
+    optional_input,
+    rebuild_nodes,
+)
+from maptr.deploy.onnx_graph import producers as graph_producers
 
 _INT32_MAX = np.float32(2**31 - 1)
-
-
-def _constant(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    return numpy_helper.to_array(initializers[name]) if name in initializers else None
 
 
 def _weight_dequantize(
@@ -57,13 +62,14 @@ def _bias_scale(
         return None
     w_dq, transposed = weight
     if matmul.op_type == "Gemm":
-        attributes = {a.name: helper.get_attribute_value(a) for a in matmul.attribute}
-        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 or attributes.get("transA", 0):
+        if attribute(matmul, "alpha", 1.0) != 1.0 or attribute(matmul, "beta", 1.0) != 1.0:
             return None
-        transposed = transposed != bool(attributes.get("transB", 0))
-    x_scale, w_scale = _constant(x_dq.input[1], initializers), _constant(w_dq.input[1], initializers)
-    x_int, w_int = _constant(x_dq.input[0], initializers), _constant(w_dq.input[0], initializers)
-    x_zero = _constant(x_dq.input[2], initializers) if len(x_dq.input) > 2 else None
+        if attribute(matmul, "transA", 0):
+            return None
+        transposed = transposed != bool(attribute(matmul, "transB", 0))
+    x_scale, w_scale = constant(x_dq.input[1], initializers), constant(w_dq.input[1], initializers)
+    x_int, w_int = constant(x_dq.input[0], initializers), constant(w_dq.input[0], initializers)
+    x_zero = constant(optional_input(x_dq, 2), initializers)
     if x_scale is None or w_scale is None or w_int is None or x_int is not None or x_zero is None:
         return None  # run-time weight, or an activation that is not a run-time tensor
     if x_zero.dtype != np.uint8 or w_int.dtype != np.int8 or x_scale.size != 1 or w_int.ndim != 2:
@@ -71,7 +77,7 @@ def _bias_scale(
     # The output channels are axis 0 of the (C_out, C_in) weight the exporter transposes, else axis 1.
     channel_axis = 0 if transposed else 1
     if w_scale.size != 1:
-        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        axis = attribute(w_dq, "axis", 1)
         if axis % 2 != channel_axis or w_scale.size != channels:
             return None
     if w_int.shape[channel_axis] != channels:
@@ -96,7 +102,7 @@ def _bias_input(
     else:
         return None
     for linear, slot in slots:
-        bias = _constant(node.input[slot], initializers)
+        bias = constant(node.input[slot], initializers)
         if bias is not None and bias.ndim == 1 and bias.dtype == np.float32:
             return linear, slot
     return None
@@ -112,19 +118,18 @@ def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     Returns:
         the new model and the number of biases quantized.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     graph = out.graph
-    initializers = {init.name: init for init in graph.initializer}
+    initializers = initializer_map(graph)
     producers = graph_producers(graph)
     new_initializers: list[onnx.TensorProto] = []
-    bias_nodes: dict[int, onnx.NodeProto] = {}  # index of the Add / Gemm -> the bias DQ that goes before it
-    for index, node in enumerate(graph.node):
+    with_bias: dict[str, list[onnx.NodeProto]] = {}  # Add / Gemm output -> [its bias DQ, the Add / Gemm]
+    for node in graph.node:
         target = _bias_input(node, producers, initializers)
         if target is None:
             continue
         linear, slot = target
-        bias = _constant(node.input[slot], initializers)
+        bias = constant(node.input[slot], initializers)
         scale = _bias_scale(linear, producers, initializers, bias.shape[0])
         if scale is None or not np.all(scale > 0):
             continue
@@ -136,16 +141,14 @@ def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProt
             numpy_helper.from_array(steps.astype(np.int32), f"{base}_quantized"),
             numpy_helper.from_array(scale, f"{base}_scale"),
         ]
-        bias_nodes[index] = helper.make_node(
+        bias_dq = helper.make_node(
             "DequantizeLinear", [f"{base}_quantized", f"{base}_scale"], [base], name=base, axis=0
         )
         node.input[slot] = base
-    nodes = []
-    for index, node in enumerate(graph.node):
-        if index in bias_nodes:
-            nodes.append(bias_nodes[index])
-        nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
+        with_bias[node.output[0]] = [bias_dq, node]
+    rebuild_nodes(graph, with_bias)
     graph.initializer.extend(new_initializers)
-    return out, len(bias_nodes)
+    return out, len(with_bias)
+
+
+PASS = GraphPass(quantize_float_output_biases, counts="uint8 linears given an int32 bias", measured_on_ort="1.32.0")
