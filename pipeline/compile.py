@@ -8,10 +8,10 @@ maptr/deploy/ort_compile.py (its docstring numbers them): graph rewrites, then O
 result is saved as models/maptr_deploy.onnx (portable across x86 CPUs), then loaded back as every deployed
 session loads it (ORT level `all`: the CPU's own layouts added) and checked to give the outputs of the
 in-memory compilation; each pass's count goes to the report's `passes`. Then the deployed model and
-models/maptr_float.onnx (ORT's default optimizations, its best) are timed in `compile.rounds` alternating rounds with `compile.threads` threads,
-one ORT session alive at a time: latency p50 / p90 over `compile.runs` runs (`compile.warmup` untimed
-runs per session), size, operator types, integer vs float kernels and
-profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
+models/maptr_float.onnx (ORT's default optimizations, its best) are timed in `compile.rounds` alternating
+rounds with `compile.threads` threads, one ORT session alive at a time: latency p50 / p90 over
+`compile.runs` runs (`compile.warmup` untimed runs per session), size, operator types, integer vs float
+kernels and profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
 """
 
 from __future__ import annotations

@@ -140,9 +140,12 @@ class CompiledModel:
         stages += [("after ORT", graph_pass) for graph_pass in AFTER_ORT]
         return {
             graph_pass.name: {
-                "step": step, "runs": runs, "count": self.counts[graph_pass.name], "counts": graph_pass.counts,
+                "step": step,
+                "runs": runs,
+                "count": self.counts[graph_pass.name],
+                "counts": graph_pass.counts,
                 "measured_on_ort": graph_pass.measured_on_ort,
-            }  # fmt: skip
+            }
             for step, (runs, graph_pass) in enumerate(stages, start=1)
         }
 

@@ -29,6 +29,7 @@ MAX_RUN = 16
 # Outputs with fewer elements are left alone: their broadcast costs microseconds either way.
 MIN_ELEMENTS = 4096
 
+
 def _short_run_broadcast(small: list[Dim], full: list[Dim]) -> bool:
     """True when ``small`` broadcasts to ``full`` (same rank or lower) in runs shorter than MAX_RUN elements,
     over an output of at least MIN_ELEMENTS (a symbolic dimension counts as large)."""

@@ -17,15 +17,20 @@ def _conv_tokens_model(target: list[int], second_reader: str = "") -> onnx.Model
     rng = np.random.default_rng(0)
     inits = {
         "x_scale": np.float32(0.05), "x_zero": np.uint8(100),
-        "w": rng.integers(-60, 60, (6, 4, 3, 3)).astype(np.int8), "w_scale": rng.uniform(0.01, 0.02, 6).astype(np.float32),
+        "w": rng.integers(-60, 60, (6, 4, 3, 3)).astype(np.int8),
+        "w_scale": rng.uniform(0.01, 0.02, 6).astype(np.float32),
         "w_zero": np.zeros(6, np.int8), "y_scale": np.float32(0.1), "y_zero": np.uint8(90),
         "tokens": np.array(target, np.int64),
     }  # fmt: skip
     nodes = [
         helper.make_node(
-            "QLinearConv", ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"], ["map"],
-            name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-        ),  # fmt: skip
+            "QLinearConv",
+            ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"],
+            ["map"],
+            name="conv",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Reshape", ["map", "tokens"], ["flat"], name="flatten"),
         helper.make_node("Transpose", ["flat"], ["y"], name="to_tokens", perm=[0, 2, 1]),
     ]

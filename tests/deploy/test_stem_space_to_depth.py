@@ -29,9 +29,13 @@ def _qdq_stem_model(height: int, width: int, kernel: int = 7) -> onnx.ModelProto
         helper.make_node("DequantizeLinear", ["x_u8", "x_scale", "x_zp"], ["x_f"]),
         helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_f"], axis=0),
         helper.make_node(
-            "Conv", ["x_f", "w_f", "bias"], ["conv"], kernel_shape=[kernel, kernel], strides=[2, 2],
+            "Conv",
+            ["x_f", "w_f", "bias"],
+            ["conv"],
+            kernel_shape=[kernel, kernel],
+            strides=[2, 2],
             pads=[kernel // 2] * 4,
-        ),  # fmt: skip
+        ),
         helper.make_node("QuantizeLinear", ["conv", "y_scale", "y_zp"], ["y_u8"]),
         helper.make_node("DequantizeLinear", ["y_u8", "y_scale", "y_zp"], ["y"]),
     ]
