@@ -25,9 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from maptr.deploy.onnx_graph import GraphPass, copy_model, prune_initializers, prune_value_info, replace_all
-from maptr.deploy.onnx_graph import producers as graph_producers
-from maptr.deploy.onnx_graph import readers as graph_readers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, copy_model, prune_initializers, prune_value_info, replace_all
 from maptr.deploy.ort_runner import SAVED, session_options
 
 # Ops whose output is not a function of their inputs: never folded.
@@ -97,14 +95,13 @@ def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tupl
     graph = model.graph
     nodes = list(graph.node)  # holds one wrapper per node, so that id() names a node below
     constant = {id(node) for node, flag in zip(nodes, constant_nodes(graph), strict=True) if flag}
-    producers, readers = graph_producers(graph), graph_readers(graph)
-    graph_outputs = {out.name for out in graph.output}
+    index = GraphIndex(graph)
 
     def requantized_at_load(reader: onnx.NodeProto, name: str) -> bool:
         """``name`` is a weight or bias of ``reader`` that ORT re-quantizes when loading the file."""
         if reader.op_type not in _WEIGHT_REQUANTIZED_AT_LOAD or list(reader.input).index(name) < 1:
             return False
-        data = producers.get(reader.input[0])
+        data = index.producers.get(reader.input[0])
         return data is not None and data.op_type == "DequantizeLinear"
 
     # A constant DQ feeding a run-time node directly or through layout ops (a weight's DQ -> Transpose ->
@@ -115,18 +112,19 @@ def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tupl
             continue
         if node.op_type == "DequantizeLinear":
             if keep_dequantize or any(
-                requantized_at_load(reader, name) for name in node.output for reader in readers.get(name, [])
+                requantized_at_load(reader, name) for name in node.output for reader in index.readers.get(name, [])
             ):
                 dq_rooted.add(id(node))
         elif node.op_type in _LAYOUT_OPS and node.input:
-            source = producers.get(node.input[0])
+            source = index.producers.get(node.input[0])
             if source is not None and id(source) in dq_rooted:
                 dq_rooted.add(id(node))
 
     kept = {id(node) for node in nodes if id(node) not in constant}
     for node in reversed(nodes):  # readers before the nodes they read
         if id(node) in dq_rooted and any(
-            name in graph_outputs or any(id(reader) in kept for reader in readers.get(name, [])) for name in node.output
+            name in index.outputs or any(id(reader) in kept for reader in index.readers.get(name, []))
+            for name in node.output
         ):
             kept.add(id(node))
     folded = [node for node in nodes if id(node) not in kept]
@@ -134,9 +132,9 @@ def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tupl
     produced_by_folded = {name for node in folded for name in node.output}
     needed = sorted(
         {name for node in kept_nodes for name in node.input if name in produced_by_folded}
-        | (graph_outputs & produced_by_folded)
+        | (index.outputs & produced_by_folded)
     )
-    if {init.name for init in graph.initializer} & set(needed):
+    if set(index.initializers) & set(needed):
         raise AssertionError("a folded tensor has the name of an existing initializer")  # ONNX forbids both
     # Evaluate every constant node, the kept DQs too: a kept DQ's output may also feed folded nodes.
     values = _evaluate(model, [node for node in nodes if id(node) in constant], needed) if needed else {}

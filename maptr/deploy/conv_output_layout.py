@@ -19,9 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from maptr.deploy.onnx_graph import GraphPass, attribute, constant, copy_model, initializer_map, rebuild_nodes
-from maptr.deploy.onnx_graph import producers as graph_producers
-from maptr.deploy.onnx_graph import readers as graph_readers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, attribute, copy_model, rebuild_nodes
 
 _CONVS = ("QLinearConv", "Conv")
 
@@ -45,32 +43,27 @@ def flatten_conv_outputs_channels_last(model: onnx.ModelProto) -> tuple[onnx.Mod
     Returns:
         the new model (same inputs, outputs and values) and the number of rewrites.
     """
-    graph = model.graph
-    initializers = initializer_map(graph)
-    producers = graph_producers(graph)
-    readers = graph_readers(graph)
-    graph_outputs = {out.name for out in graph.output}  # read outside the graph: must keep their values
-
+    index = GraphIndex(model.graph)
     # keyed by output names (node names may be empty): a Reshape's -> the two nodes replacing it, the
     # Transpose's after it -> none (folded into them)
     replacements: dict[str, list[onnx.NodeProto]] = {}
     new_initializers = []
-    for transpose in graph.node:
+    for transpose in model.graph.node:
         if transpose.op_type != "Transpose" or attribute(transpose, "perm", None) != [0, 2, 1]:
             continue
-        reshape = producers.get(transpose.input[0])
-        if reshape is None or reshape.op_type != "Reshape" or len(readers[reshape.output[0]]) != 1:
+        reshape = index.producers.get(transpose.input[0])
+        if reshape is None or reshape.op_type != "Reshape" or len(index.readers[reshape.output[0]]) != 1:
             continue
-        conv = producers.get(reshape.input[0])
-        if conv is None or conv.op_type not in _CONVS or len(readers[conv.output[0]]) != 1:
+        conv = index.producers.get(reshape.input[0])
+        if conv is None or conv.op_type not in _CONVS or len(index.readers[conv.output[0]]) != 1:
             continue
-        if {reshape.output[0], conv.output[0]} & graph_outputs:
+        if {reshape.output[0], conv.output[0]} & index.outputs:  # read outside the graph: values must stay
             continue
         weight_name = conv.input[3] if conv.op_type == "QLinearConv" else conv.input[1]
-        target = constant(reshape.input[1], initializers)
-        if weight_name not in initializers or target is None:
+        target = index.constant(reshape.input[1])
+        if weight_name not in index.initializers or target is None:
             continue
-        weight_shape = tuple(initializers[weight_name].dims)
+        weight_shape = tuple(index.initializers[weight_name].dims)
         tokens = _token_shape(target, weight_shape[0]) if len(weight_shape) == 4 else None
         if tokens is None:
             continue

@@ -18,15 +18,14 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from maptr.deploy.onnx_graph import GraphPass, bypass, initializer_map, optional_input
-from maptr.deploy.onnx_graph import readers as graph_readers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, bypass, optional_input
 
 _SIXTEEN_BIT = {TensorProto.INT16, TensorProto.UINT16}
 
 
-def _is_sixteen_bit(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+def _is_sixteen_bit(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """True for a QuantizeLinear whose zero point (which sets its output type) is a 16-bit constant."""
-    zero_point = initializers.get(optional_input(node, 2))
+    zero_point = index.initializers.get(optional_input(node, 2))
     return zero_point is not None and zero_point.data_type in _SIXTEEN_BIT
 
 
@@ -36,29 +35,24 @@ def drop_int16_rounding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Returns:
         the new model and the number of QuantizeLinear nodes removed (each with its DequantizeLinears).
     """
-    graph = model.graph
-    initializers = initializer_map(graph)
-    readers = graph_readers(graph)
-    graph_outputs = {output.name for output in graph.output}
-
+    index = GraphIndex(model.graph)
     replacement: dict[str, str] = {}  # a removed DQ's output -> the float tensor its Q read
     removed: set[str] = set()  # outputs of the removed Q and DQ nodes
     pairs = 0
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or not _is_sixteen_bit(node, initializers):
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or not _is_sixteen_bit(node, index):
             continue
         quantized = node.output[0]
-        consumers = readers.get(quantized, [])
-        if quantized in graph_outputs or not consumers or any(c.op_type != "DequantizeLinear" for c in consumers):
+        consumers = index.readers.get(quantized, [])
+        if quantized in index.outputs or not consumers or any(c.op_type != "DequantizeLinear" for c in consumers):
             continue
-        if any(c.input[0] != quantized or c.output[0] in graph_outputs for c in consumers):
+        if any(c.input[0] != quantized or c.output[0] in index.outputs for c in consumers):
             continue
         for dequantize in consumers:
             replacement[dequantize.output[0]] = node.input[0]
             removed.add(dequantize.output[0])
         removed.add(quantized)
         pairs += 1
-
     return bypass(model, removed, rewire=replacement), pairs
 
 

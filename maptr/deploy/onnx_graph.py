@@ -5,8 +5,8 @@ A pass is a :class:`GraphPass`: a function ``ModelProto -> (ModelProto, count)``
 copy and how many places it changed, plus what that count counts and the ONNX Runtime version the pass was
 measured on. :mod:`maptr.deploy.ort_compile` lists the passes in the order they run.
 
-Lookups: who writes a tensor (:func:`producers`), who reads it (:func:`readers`), the initializers by name
-and a constant's value, a node's attribute or optional input, the static shapes of the tensors.
+Lookups: who writes a tensor, who reads it, the initializers and a constant's value (:class:`GraphIndex`), a
+node's attribute or optional input, the static shapes of the tensors.
 Edits: copy a model, replace a node by others or by none (:func:`rebuild_nodes`), remove nodes and let
 their readers read another tensor (:func:`bypass`), drop the initializers and shape records that no longer
 belong to anything (:func:`prune_initializers`, :func:`prune_value_info`).
@@ -69,14 +69,19 @@ def readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return read
 
 
-def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Initializer name -> the initializer."""
-    return {init.name: init for init in graph.initializer}
+class GraphIndex:
+    """The lookups of one graph, taken once, before a pass edits it: the initializers by name, who writes a
+    tensor (:func:`producers`), who reads it (:func:`readers`), the names of the graph's outputs."""
 
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.initializers: dict[str, onnx.TensorProto] = {init.name: init for init in graph.initializer}
+        self.producers = producers(graph)
+        self.readers = readers(graph)
+        self.outputs = {output.name for output in graph.output}  # read outside the graph: values must stay
 
-def constant(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    """The value of tensor ``name`` when it is an initializer, else None (a run-time tensor or no name)."""
-    return numpy_helper.to_array(initializers[name]) if name in initializers else None
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of tensor ``name`` when it is an initializer, else None (a run-time tensor or no name)."""
+        return numpy_helper.to_array(self.initializers[name]) if name in self.initializers else None
 
 
 def attribute(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -116,6 +121,12 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+def copy_and_index(model: onnx.ModelProto) -> tuple[onnx.ModelProto, GraphIndex]:
+    """A copy of ``model`` for a pass to edit, and the lookups of its graph as it is before any edit."""
+    out = copy_model(model)
+    return out, GraphIndex(out.graph)
 
 
 def replace_all(field, items: Iterable) -> None:

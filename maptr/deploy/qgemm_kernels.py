@@ -28,11 +28,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from maptr.deploy.onnx_graph import (
+    GraphIndex,
     GraphPass,
     attribute,
-    constant,
-    copy_model,
-    initializer_map,
+    copy_and_index,
     optional_input,
     prune_initializers,
     rebuild_nodes,
@@ -43,17 +42,17 @@ _MS_DOMAIN = "com.microsoft"
 _A, _A_SCALE, _A_ZERO, _B, _B_SCALE, _B_ZERO, _C, _Y_SCALE, _Y_ZERO = range(9)
 
 
-def _weight_in_k_n(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+def _weight_in_k_n(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | None:
     """QGemm's constant B as (K, N) int8 / uint8, or None when B is computed at run time."""
-    weight = constant(node.input[_B], initializers)
+    weight = index.constant(node.input[_B])
     if weight is None or weight.ndim != 2:
         return None
     return np.ascontiguousarray(weight.T) if attribute(node, "transB", 0) else weight
 
 
-def _per_channel(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], index: int) -> np.ndarray | None:
-    """The constant value of QGemm's input ``index`` (a scale, zero point or bias), None if not a constant."""
-    return constant(optional_input(node, index), initializers)
+def _per_channel(node: onnx.NodeProto, index: GraphIndex, slot: int) -> np.ndarray | None:
+    """The constant value of QGemm's input ``slot`` (a scale, zero point or bias), None if not a constant."""
+    return index.constant(optional_input(node, slot))
 
 
 def _conv_nodes(
@@ -86,11 +85,11 @@ def _conv_nodes(
 
 
 def _matmul_to_float_nodes(
-    node: onnx.NodeProto, weight: np.ndarray, initializers: dict[str, onnx.TensorProto], base: str
+    node: onnx.NodeProto, weight: np.ndarray, index: GraphIndex, base: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
     """Float-output QGemm as MatMulIntegerToFloat with the int32 bias turned float (see the module doc)."""
-    a_scale = _per_channel(node, initializers, _A_SCALE)
-    b_scale = _per_channel(node, initializers, _B_SCALE)
+    a_scale = _per_channel(node, index, _A_SCALE)
+    b_scale = _per_channel(node, index, _B_SCALE)
     if a_scale is None or b_scale is None:
         return None
     new = [numpy_helper.from_array(weight, f"{base}_weight")]  # (K, N)
@@ -99,7 +98,7 @@ def _matmul_to_float_nodes(
         node.input[_B_ZERO],
     ]  # fmt: skip
     if optional_input(node, _C):
-        bias = _per_channel(node, initializers, _C)
+        bias = _per_channel(node, index, _C)
         if bias is None or bias.ndim != 1 or bias.shape[0] != weight.shape[1]:
             return None
         # QGemm's own output scale, computed as it computes it: (alpha * s_x) * s_w[n], alpha = 1.
@@ -122,14 +121,13 @@ def move_qgemm_to_faster_kernels(model: onnx.ModelProto) -> tuple[onnx.ModelProt
         the new model and how many QGemm nodes moved (a uint8 output to ``QLinearConv``, a float one to
         ``MatMulIntegerToFloat``).
     """
-    out = copy_model(model)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = initializer_map(graph)
     rewritten: dict[str, list[onnx.NodeProto]] = {}  # QGemm output -> the nodes computing it instead
     new_initializers: list[onnx.TensorProto] = []
     for node in graph.node:
-        weight = _weight_in_k_n(node, initializers) if node.op_type == "QGemm" and node.domain == _MS_DOMAIN else None
-        zero = _per_channel(node, initializers, _B_ZERO) if weight is not None else None
+        weight = _weight_in_k_n(node, index) if node.op_type == "QGemm" and node.domain == _MS_DOMAIN else None
+        zero = _per_channel(node, index, _B_ZERO) if weight is not None else None
         eligible = (
             weight is not None and zero is not None and np.all(zero == zero.reshape(-1)[0])
             and attribute(node, "alpha", 1.0) == 1.0 and not attribute(node, "transA", 0)
@@ -138,12 +136,12 @@ def move_qgemm_to_faster_kernels(model: onnx.ModelProto) -> tuple[onnx.ModelProt
             continue
         base = f"{node.name or node.output[0]}_rewritten"
         if optional_input(node, _Y_SCALE):
-            bias = _per_channel(node, initializers, _C) if optional_input(node, _C) else None
+            bias = _per_channel(node, index, _C) if optional_input(node, _C) else None
             if optional_input(node, _C) and (bias is None or bias.shape != (weight.shape[1],)):  # QLinearConv: (N,)
                 continue
             added, inits = _conv_nodes(node, weight, base)
         else:
-            moved = _matmul_to_float_nodes(node, weight, initializers, base)
+            moved = _matmul_to_float_nodes(node, weight, index, base)
             if moved is None:
                 continue
             added, inits = moved

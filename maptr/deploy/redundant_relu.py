@@ -17,15 +17,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from maptr.deploy.onnx_graph import GraphPass, bypass, constant, initializer_map, optional_input
-from maptr.deploy.onnx_graph import readers as graph_readers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, bypass, optional_input
 
 _LOWEST = {np.dtype(np.uint8): 0, np.dtype(np.int8): -128, np.dtype(np.uint16): 0, np.dtype(np.int16): -32768}
 
 
-def _zero_point_at_lowest(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+def _zero_point_at_lowest(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """True when ``node`` (a QuantizeLinear) has constant zero points, all at the lowest integer value."""
-    zero_point = constant(optional_input(node, 2), initializers)
+    zero_point = index.constant(optional_input(node, 2))
     if zero_point is None:
         return False  # no zero point means uint8 0 in ONNX, but the output type is then implicit: leave it
     lowest = _LOWEST.get(zero_point.dtype)
@@ -40,18 +39,14 @@ def drop_relus_before_quantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto,
     Returns:
         the new model (same inputs, outputs and values) and the number of ReLUs removed.
     """
-    graph = model.graph
-    initializers = initializer_map(graph)
-    readers = graph_readers(graph)
-    graph_outputs = {out.name for out in graph.output}
-
+    index = GraphIndex(model.graph)
     redundant: dict[str, str] = {}  # ReLU output -> ReLU input, for each ReLU removed
-    for node in graph.node:
-        if node.op_type != "Relu" or node.output[0] in graph_outputs:
+    for node in model.graph.node:
+        if node.op_type != "Relu" or node.output[0] in index.outputs:
             continue
-        consumers = readers.get(node.output[0], [])
+        consumers = index.readers.get(node.output[0], [])
         if len(consumers) == 1 and consumers[0].op_type == "QuantizeLinear" and consumers[0].input[0] == node.output[0]:
-            if _zero_point_at_lowest(consumers[0], initializers):
+            if _zero_point_at_lowest(consumers[0], index):
                 redundant[node.output[0]] = node.input[0]
 
     # The quantization after each removed ReLU reads the ReLU's input instead.

@@ -16,24 +16,15 @@ from __future__ import annotations
 
 import onnx
 
-from maptr.deploy.onnx_graph import (
-    GraphPass,
-    constant,
-    copy_model,
-    initializer_map,
-    optional_input,
-    prune_value_info,
-    replace_all,
-)
-from maptr.deploy.onnx_graph import producers as graph_producers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, copy_and_index, optional_input, prune_value_info, replace_all
 
 # Nodes whose output holds the input's elements in the same order, only with another shape.
 _SHAPE_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Flatten"}
 
 
-def _constant_shape_without_zeros(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+def _constant_shape_without_zeros(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """True for a ``Reshape`` whose target shape is an initializer with no 0 (copy-this-dimension) entry."""
-    shape = constant(optional_input(node, 1), initializers)
+    shape = index.constant(optional_input(node, 1))
     return shape is not None and bool((shape != 0).all())
 
 
@@ -46,23 +37,20 @@ def collapse_reshape_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     Returns:
         the new model and the number of nodes removed.
     """
-    out = copy_model(model)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = initializer_map(graph)
-    producers = graph_producers(graph)
     for node in graph.node:
-        if node.op_type != "Reshape" or not _constant_shape_without_zeros(node, initializers):
+        if node.op_type != "Reshape" or not _constant_shape_without_zeros(node, index):
             continue
-        producer = producers.get(node.input[0])
+        producer = index.producers.get(node.input[0])
         while producer is not None and producer.op_type in _SHAPE_ONLY and len(producer.output) == 1:
             node.input[0] = producer.input[0]  # same elements, same order: only the count matters
-            producer = producers.get(node.input[0])
+            producer = index.producers.get(node.input[0])
 
-    graph_outputs = {output.name for output in graph.output}
     removed = 0
     changed = True
     while changed:  # removing one node may leave its own producer unread
-        read = {name for node in graph.node for name in node.input} | graph_outputs
+        read = {name for node in graph.node for name in node.input} | index.outputs
         keep = [
             node for node in graph.node
             if not (node.op_type in _SHAPE_ONLY and not any(name in read for name in node.output))

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from maptr.deploy.onnx_graph import Dim, GraphPass, constant, copy_model, initializer_map, rebuild_nodes, tensor_shapes
+from maptr.deploy.onnx_graph import Dim, GraphPass, copy_and_index, rebuild_nodes, tensor_shapes
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div"}
 # Runs shorter than this many elements are expanded (measured: runs of 2 and 8 gain 2.4-10x; a run of
@@ -66,9 +66,8 @@ def expand_short_run_broadcasts(model: onnx.ModelProto) -> tuple[onnx.ModelProto
         the new model and the number of operators rewritten.
     """
     shapes = tensor_shapes(model)
-    out = copy_model(model)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = initializer_map(graph)
     rewritten: dict[str, list[onnx.NodeProto]] = {}  # the operator's output -> [Shape, Expand,] the operator
     for node in graph.node:
         if node.op_type in _ELEMENTWISE and node.domain in ("", "ai.onnx") and len(node.input) == 2:
@@ -80,7 +79,7 @@ def expand_short_run_broadcasts(model: onnx.ModelProto) -> tuple[onnx.ModelProto
                     continue
                 full_shape = shapes[full]
                 expanded = f"{small}_expanded_for_{node.name or node.output[0]}"
-                value = constant(small, initializers)
+                value = index.constant(small)
                 if value is not None and all(isinstance(d, int) for d in full_shape):
                     stored = np.ascontiguousarray(np.broadcast_to(value, full_shape))
                     graph.initializer.append(numpy_helper.from_array(stored, expanded))

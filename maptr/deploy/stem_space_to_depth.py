@@ -27,15 +27,11 @@ from onnx import helper, numpy_helper
 from maptr.deploy.onnx_graph import (
     GraphPass,
     attribute,
-    constant,
-    copy_model,
-    initializer_map,
+    copy_and_index,
     prune_initializers,
     rebuild_nodes,
     tensor_shapes,
 )
-from maptr.deploy.onnx_graph import producers as graph_producers
-from maptr.deploy.onnx_graph import readers as graph_readers
 
 _SYM_CHANNEL_ALIGNMENT = 4  # MLAS ConvSym's KernelInputChannelAlignment on x86
 
@@ -61,11 +57,9 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Returns:
         the new model and the number of convolutions rewritten.
     """
-    out = copy_model(model)
-    shapes = tensor_shapes(out)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = initializer_map(graph)
-    producers, readers = graph_producers(graph), graph_readers(graph)
+    shapes = tensor_shapes(out)
 
     replaced: dict[str, list[onnx.NodeProto]] = {}  # a Conv's output -> the nodes replacing it; [] drops a DQ
     new_initializers: list[onnx.TensorProto] = []
@@ -73,12 +67,12 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     for conv in graph.node:
         if conv.op_type != "Conv":
             continue
-        x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
+        x_dq, w_dq = index.producers.get(conv.input[0]), index.producers.get(conv.input[1])
         if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue
-        if len(readers[x_dq.output[0]]) != 1 or len(x_dq.input) < 3 or x_dq.input[0] in initializers:
+        if len(index.readers[x_dq.output[0]]) != 1 or len(x_dq.input) < 3 or x_dq.input[0] in index.initializers:
             continue
-        weight, zero_point = constant(w_dq.input[0], initializers), constant(x_dq.input[2], initializers)
+        weight, zero_point = index.constant(w_dq.input[0]), index.constant(x_dq.input[2])
         if weight is None or zero_point is None:
             continue
         shape = shapes.get(conv.input[0])
@@ -117,7 +111,7 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         weight_inputs = [f"{base}_weight", *w_dq.input[1:]]
         conv_attributes = {"kernel_shape": [bh, bw], "strides": [1, 1], "pads": block_pads, "group": 1}
         replaced[x_dq.output[0]] = []  # the Conv read it alone
-        if len(readers[w_dq.output[0]]) == 1:
+        if len(index.readers[w_dq.output[0]]) == 1:
             replaced[w_dq.output[0]] = []
         blocks_input = x_dq.input[0]
         block_conv: list[onnx.NodeProto] = []
