@@ -10,7 +10,7 @@ also feeds a node that is not a ``DequantizeLinear`` stays.
 With the pair gone, ORT no longer sees a dequantized input in front of these linears, so its
 ``WeightBiasQuantization`` does not re-quantize their weights at load time either, and the weight
 ``DequantizeLinear`` nodes of those linears can be folded after ORT's optimizer like any other
-(:func:`~maptr.deploy.constant_folding.fold_constants`).
+(:func:`~maptr.deploy.leftover_dequantize.fold_leftover_dequantize`).
 """
 
 from __future__ import annotations
