@@ -51,10 +51,10 @@ def main() -> None:
 
     from maptr.atomic import write_text_atomic
     from maptr.config import load_model_config, load_params
-    from maptr.deploy.checker import LEVELS, check_model, format_report
+    from maptr.deploy.checker import check_model, format_report
     from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
     from maptr.deploy.ort_compile import optimize_and_save
-    from maptr.deploy.ort_runner import DEPLOYED_LEVEL
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, LEVELS
     from maptr.models.maptr import build_maptr
     from maptr.quant.calibration import calibrate
     from maptr.quant.quantizer import QuantConfig, build_model_from_checkpoint, quantize_model, quantized_operators

@@ -2,17 +2,16 @@
 
     python pipeline/compile.py --params params.yaml
 
-Reads section `compile`. The input-independent part of models/maptr_qdq.onnx is computed once
-(constant folding: ORT does not fold behind a DequantizeLinear) and the ReLUs that the uint8
-quantization after them performs are removed, then ONNX Runtime optimizes it at
-`compile.optimization_level` (Q/DQ groups fused into integer kernels) and the result is saved as
-models/maptr_deploy.onnx (portable across x86 CPUs), then loaded back as every deployed session loads it
-(ORT level `all`: the CPU's own layouts added) and checked to give the outputs of the in-memory
-optimization. Then the deployed model and models/maptr_float.onnx (ORT's default
-optimizations, its best) are timed in `compile.rounds` alternating rounds with `compile.threads` threads,
-one ORT session alive at a time: latency p50 / p90 over `compile.runs` runs (`compile.warmup` untimed
-runs per session), size, operator types, integer vs float kernels and
-profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
+Reads section `compile`. models/maptr_qdq.onnx goes through the compile passes of
+maptr/deploy/ort_compile.py (its docstring numbers them): graph rewrites, then ONNX Runtime's optimizer at
+`compile.optimization_level` (Q/DQ groups fused into integer kernels), then rewrites of ORT's graph. The
+result is saved as models/maptr_deploy.onnx (portable across x86 CPUs), then loaded back as every deployed
+session loads it (ORT level `all`: the CPU's own layouts added) and checked to give the outputs of the
+in-memory compilation; each pass's count goes to the report's `passes`. Then the deployed model and
+models/maptr_float.onnx (ORT's default optimizations, its best) are timed in `compile.rounds` alternating
+rounds with `compile.threads` threads, one ORT session alive at a time: latency p50 / p90 over
+`compile.runs` runs (`compile.warmup` untimed runs per session), size, operator types, integer vs float
+kernels and profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
 """
 
 from __future__ import annotations
@@ -112,15 +111,7 @@ def main() -> None:
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check.reproduces,
         qgemm_rewrite_effect=check.qgemm_rewrite_effect,
-        compile_seconds=compile_seconds, constant_folding=compiled.fold.to_dict(),
-        relus_removed=compiled.relus_removed, integer_biases=compiled.integer_biases,
-        space_to_depth_convs=compiled.space_to_depth_convs, int16_pairs_removed=compiled.int16_pairs_removed,
-        qgemm_rewrites=asdict(compiled.qgemm_rewrites),
-        float_weights_folded=compiled.float_weights_folded,
-        conv_outputs_channels_last=compiled.conv_outputs_channels_last,
-        skip_layer_norms_split=compiled.skip_layer_norms_split, reshapes_collapsed=compiled.reshapes_collapsed,
-        broadcasts_expanded=compiled.broadcasts_expanded,
-        deployed_load_level=DEPLOYED_LEVEL,
+        compile_seconds=compile_seconds, passes=compiled.passes(), deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))
     write_text_atomic(args.table, compile_markdown(report))
@@ -148,6 +139,7 @@ def main() -> None:
         })  # fmt: skip
         for threads, row in report["by_threads"].items():
             run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
+        run.log_metrics({f"passes/{name}": entry["count"] for name, entry in report["passes"].items()})
         run.log_artifact(args.report)
         run.log_artifact(args.table)
         run.call("ONNX model (maptr_deploy)", lambda: log_onnx_model(args.out, "maptr_deploy"))

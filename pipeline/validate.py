@@ -38,7 +38,8 @@ def main() -> None:
     from maptr.atomic import write_text_atomic
     from maptr.config import ValidateConfig, load_model_config, load_params, load_section
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
-    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor, RecordingPredictor, output_agreement
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
+    from maptr.evaluation.agreement import RecordingPredictor, output_agreement
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.evaluation.postprocess import build_postprocess
     from maptr.quant.quantizer import build_model_from_checkpoint
