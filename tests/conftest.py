@@ -113,3 +113,26 @@ def run_entrypoint_here(script: str, *args: str) -> int:
         return int(exc.code or 0)
     finally:
         sys.argv = argv
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An MLflow sqlite store whose tables exist: creating them takes seconds, a copy a fraction of one."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the tables
+    return db
+
+
+@pytest.fixture
+def mlflow_store(mlflow_template, tmp_path, monkeypatch) -> str:
+    """A private MLflow store for this test (MLFLOW_TRACKING_URI and the experiment name set); its URI."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
+    return uri

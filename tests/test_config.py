@@ -128,3 +128,9 @@ def test_out_of_range_model_and_criterion_values_are_errors(tmp_path):
     path = write_params(tmp_path, lambda d: d["model"]["criterion"].update(focal_alpha=2.0))
     with pytest.raises(ParamsError, match=r"model.criterion.focal_alpha: must be in \[0, 1\], got 2.0"):
         load_model_config(load_params(path))
+
+
+def test_missing_section_names_it(tmp_path):
+    path = write_params(tmp_path, lambda d: d.pop("pack"))
+    with pytest.raises(ParamsError, match=r"params.yaml: pack: section missing \(add a `pack:` section"):
+        load_section(load_params(path), "pack", PackConfig)

@@ -191,3 +191,31 @@ def test_single_node_torchrun_commands_use_a_loopback_rendezvous():
             assert "--standalone" in line or "--rdzv-endpoint=127.0.0.1:" in line, f"{name}: {line}"
     readme = " ".join(docs["README.md"].split())
     assert "Only a multi-node run must listen on the network" in readme and "GLOO_SOCKET_IFNAME=lo" in readme
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("which", ["float", "resume"])
+def test_pickle_payload_checkpoint_is_refused_and_never_run(packed_world, tmp_path, capsys, mlflow_store, which):
+    from conftest import run_entrypoint_here
+
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "stage": "float", "extra": _Payload(marker)}, evil)
+    params = write_micro_params(tmp_path, float={"epochs": 1, "num_workers": 0})
+    if which == "float":
+        args = ["predict.py", "--params", str(params), "--packed", str(packed_world), "--checkpoint", str(evil)]
+    else:
+        args = ["float_train.py", "--params", str(params), "--packed", str(packed_world), "--best",
+                str(tmp_path / "best.pt"), "--last", str(evil), "--resume"]  # fmt: skip
+    assert run_entrypoint_here(*args) == 2
+    assert f"error: {evil}: not a readable checkpoint" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "best.pt").exists()

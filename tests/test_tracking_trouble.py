@@ -78,12 +78,10 @@ def test_every_tracked_stage_checks_the_server_before_any_work(script, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
-def test_queued_metrics_are_logged_once_the_server_answers_again(tmp_path, monkeypatch, capsys):
+def test_queued_metrics_are_logged_once_the_server_answers_again(monkeypatch, capsys, mlflow_store):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
     monkeypatch.setattr(StageRun, "RETRY_PAUSE_S", 0.0, raising=False)
     monkeypatch.setattr(StageRun, "QUIET_S", 0.0, raising=False)
     real, calls = mlflow.log_metrics, []
@@ -99,11 +97,12 @@ def test_queued_metrics_are_logged_once_the_server_answers_again(tmp_path, monke
         for step in range(4):
             run.log_metrics({"loss": float(step)}, step=step)
         run_id = mlflow.active_run().info.run_id
-    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_store)
+    history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
     err = capsys.readouterr().err
     assert "metrics (step 1) failed" in err and "answering again" in err and "not logged" not in err
-    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 _STAGE_THAT_HANGS = textwrap.dedent("""
@@ -120,14 +119,10 @@ _STAGE_THAT_HANGS = textwrap.dedent("""
 """)
 
 
-def test_runs_of_killed_stages_do_not_stay_running(tmp_path, monkeypatch):
-    import mlflow
+def test_runs_of_killed_stages_do_not_stay_running(mlflow_store):
+    from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
-    with StageRun("first-stage", {}):  # creates the store, so that the two stages below can start at once
-        pass
+    client = MlflowClient(tracking_uri=mlflow_store)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     stages = [subprocess.Popen([sys.executable, "-c", _STAGE_THAT_HANGS], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
@@ -135,7 +130,7 @@ def test_runs_of_killed_stages_do_not_stay_running(tmp_path, monkeypatch):
     stages[0].send_signal(signal.SIGTERM)  # a scheduler, or torchrun stopping its workers
     stages[1].send_signal(signal.SIGKILL)  # nothing runs in the process any more: the next stage ends its run
     assert stages[0].wait(timeout=60) == 143 and stages[1].wait(timeout=60) == -signal.SIGKILL
-    assert mlflow.get_run(terminated_id).info.status == "KILLED"
+    assert client.get_run(terminated_id).info.status == "KILLED"
     with StageRun("next-stage", {}):
         pass
-    assert mlflow.get_run(killed_id).info.status == "KILLED"
+    assert client.get_run(killed_id).info.status == "KILLED"

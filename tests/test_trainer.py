@@ -165,12 +165,12 @@ def test_a_model_whose_buffers_overflow_is_never_saved(packed_world, tmp_path):
     assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
 
 
-def test_tracking_server_lost_mid_training_does_not_stop_it(packed_world, tmp_path, monkeypatch, capsys, one_thread):
+def test_tracking_server_lost_mid_training_does_not_stop_it(
+    packed_world, tmp_path, monkeypatch, capsys, one_thread, mlflow_store
+):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
     monkeypatch.setattr(StageRun, "RETRY_PAUSE_S", 0.0, raising=False)
     monkeypatch.setattr(
         StageRun, "QUIET_S", 1e9, raising=False

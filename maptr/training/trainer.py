@@ -178,7 +178,7 @@ class Trainer:
         bad = nonfinite_tensors(model)
         if bad:
             raise TrainingDiverged(
-                f"{self.stage}: {', '.join(bad[:3])} hold NaN / inf at epoch {self.state.epoch + 1} step "
+                f"{self.stage}: {', '.join(bad[:3])} hold NaN / inf at epoch {self.state.epoch} step "
                 f"{self.state.global_step} (the loss was still finite); nothing was saved. Lower {self.stage}.lr "
                 f"or check the data. {self._resume_note()}"
             )
