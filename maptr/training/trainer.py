@@ -12,6 +12,7 @@ writes it even when DVC deleted it before the rerun and no later epoch beats it.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -174,7 +175,12 @@ class Trainer:
         Raises TrainingDiverged when a parameter or buffer is NaN / inf (a BatchNorm running variance can
         overflow while the loss is still finite): such a model is never saved, so what is on disk stays good.
         """
-        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # Copied: the payload may be kept while training goes on. Entries other than tensors (a fake-quant
+        # module's extra state) are deep-copied.
+        model = {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in self.model.state_dict().items()
+        }
         bad = nonfinite_tensors(model)
         if bad:
             raise TrainingDiverged(
