@@ -28,9 +28,11 @@ from maptr.quant.calibration import calibrate, calibration_loader
 from maptr.quant.quantizer import QuantConfig, quantize_model
 from maptr.quant.sensitivity import int16_topk_for_params, top_operators
 from maptr.training.checkpoint import load_checkpoint, save_checkpoint
-from maptr.training.tracking import StageRun
+from maptr.training.lineage import log_dataset, log_val_metrics
+from maptr.training.run_group import open_stage_run, stage_main
 
 
+@stage_main
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
@@ -46,6 +48,8 @@ def main() -> None:
     if args.observer:
         cfg.observer = args.observer
     model_cfg = load_model_config(params)
+    run = open_stage_run("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    log_dataset(run, args.packed, "calibration")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -79,11 +83,11 @@ def main() -> None:
         f"val mAP {metrics['mAP']:.4f} ({calibration_seconds:.0f} s calibration, {seconds:.0f} s in all)"
     )
 
-    with StageRun("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}) as run:
-        run.log_metrics({**metrics, "seconds": seconds, "int16_operators": len(int16_ops)})
-        run.set_tags({"int16_operators": ", ".join(int16_ops)[:5000]})
-        run.log_artifact(args.metrics)
-        run.log_artifact(args.out, artifact_path="checkpoints")
+    log_val_metrics(run, metrics, model=args.out, source=args.float_checkpoint)
+    run.log_metrics({"seconds": seconds, "int16_operators": len(int16_ops)})
+    run.set_tags({"int16_operators": ", ".join(int16_ops)[:5000]})
+    run.log_artifact(args.metrics)
+    run.log_artifact(args.out, artifact_path="checkpoints")
 
 
 def sensitive_operators(path: str, params: dict, cfg: CalibrateConfig, preset: str) -> list[str]:

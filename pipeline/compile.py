@@ -41,7 +41,8 @@ from maptr.deploy.compile_report import (
 from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_images
 from maptr.deploy.ort_compile import optimize_and_save, outputs_match
 from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session
-from maptr.training.tracking import StageRun
+from maptr.deploy.registry import DEPLOYED, registered_name
+from maptr.training.run_group import open_stage_run, stage_main
 
 # The saved file runs the in-memory compilation's graph with the same kernels: equal up to float rounding.
 # A weight that ORT re-quantized at load time moved the scores by 1e-2.
@@ -55,6 +56,7 @@ def frame_inputs(path: str, seed: int = 0) -> dict[str, np.ndarray]:
     return {"img": img.numpy(), "lidar2img": pinhole_rig((shape[4], shape[3]), shape[1]).numpy()}
 
 
+@stage_main
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--qdq", default="models/maptr_qdq.onnx", help="exported Q/DQ model")
@@ -71,6 +73,7 @@ def main() -> None:
                           f"{sorted(LEVELS)}")  # fmt: skip
     if min(cfg.threads, cfg.runs, cfg.rounds, *cfg.thread_sweep) < 1:
         raise ParamsError(f"{args.params}: compile.threads, thread_sweep, runs and rounds must be >= 1")
+    run = open_stage_run("compile", {"compile": asdict(cfg)}, args.params)
     torch.set_num_threads(1)
     start = time.perf_counter()
     compiled = optimize_and_save(args.qdq, args.out, cfg.optimization_level)
@@ -130,19 +133,18 @@ def main() -> None:
         + f"; {time.perf_counter() - start:.0f} s in all"
     )
 
-    with StageRun("compile", {"compile": asdict(cfg)}) as run:
-        run.log_metrics({
-            "float/latency_ms_p50": f["latency_ms_p50"], "float/latency_ms_p90": f["latency_ms_p90"],
-            "deployed/latency_ms_p50": d["latency_ms_p50"], "deployed/latency_ms_p90": d["latency_ms_p90"],
-            "deployed/size_mb": d["size_mb"], "deployed/integer_kernels": d["ops"]["integer_kernels"],
-            "deployed/float_kernels": d["ops"]["float_kernels"], "speedup_p50": report["speedup_p50"],
-            "deployed_over_float_paired": report["deployed_over_float_paired"],
-        })  # fmt: skip
-        for threads, row in report["by_threads"].items():
-            run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
-        run.log_artifact(args.report)
-        run.log_artifact(args.table)
-        log_onnx_model(args.out, "maptr_deploy")
+    run.log_metrics({
+        "float/latency_ms_p50": f["latency_ms_p50"], "float/latency_ms_p90": f["latency_ms_p90"],
+        "deployed/latency_ms_p50": d["latency_ms_p50"], "deployed/latency_ms_p90": d["latency_ms_p90"],
+        "deployed/size_mb": d["size_mb"], "deployed/integer_kernels": d["ops"]["integer_kernels"],
+        "deployed/float_kernels": d["ops"]["float_kernels"], "speedup_p50": report["speedup_p50"],
+        "deployed_over_float_paired": report["deployed_over_float_paired"],
+    })  # fmt: skip
+    for threads, row in report["by_threads"].items():
+        run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
+    run.log_artifact(args.report)
+    run.log_artifact(args.table)
+    log_onnx_model(args.out, "maptr_deploy", registered_name(params["model"]["preset"], DEPLOYED))
 
 
 if __name__ == "__main__":

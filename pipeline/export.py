@@ -34,9 +34,10 @@ from maptr.deploy.onnx_export import (
     qdq_dtype_counts,
 )
 from maptr.deploy.ort_runner import create_session, run_frame
+from maptr.deploy.registry import FLOAT, registered_name
 from maptr.quant.quantizer import build_model_from_checkpoint
 from maptr.training.checkpoint import load_checkpoint
-from maptr.training.tracking import StageRun
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg: ExportConfig, quantized: bool) -> dict:
@@ -70,6 +71,7 @@ def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg: ExportConfig, q
     return figures
 
 
+@stage_main
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--qat-checkpoint", default="models/qat-checkpoint-best.pt", help="quantized model to deploy")
@@ -82,6 +84,7 @@ def main() -> None:
     params = load_params(args.params)
     cfg = load_section(params, "export", ExportConfig)
     model_cfg = load_model_config(params)
+    run = open_stage_run("export", {"export": asdict(cfg), "model": asdict(model_cfg)}, args.params)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -102,15 +105,14 @@ def main() -> None:
         )
     print(f"QuantizeLinear by type: {report['qdq']['quantize_linear_by_dtype']}; {report['seconds']:.0f} s in all")
 
-    with StageRun("export", {"export": asdict(cfg), "model": asdict(model_cfg)}) as run:
-        for name in ("qdq", "float"):
-            r = report[name]
-            diffs = {f"{name}/max_abs_diff_{k}": v for k, v in r["max_abs_diff_ort_vs_torch"].items()}
-            run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
-                             f"{name}/export_seconds": r["export_seconds"], **diffs})  # fmt: skip
-        run.log_artifact(args.report)
-        log_onnx_model(args.qdq_out, "maptr_qdq")
-        log_onnx_model(args.float_out, "maptr_float")
+    for name in ("qdq", "float"):
+        r = report[name]
+        diffs = {f"{name}/max_abs_diff_{k}": v for k, v in r["max_abs_diff_ort_vs_torch"].items()}
+        run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
+                         f"{name}/export_seconds": r["export_seconds"], **diffs})  # fmt: skip
+    run.log_artifact(args.report)
+    log_onnx_model(args.qdq_out, "maptr_qdq")
+    log_onnx_model(args.float_out, "maptr_float", registered_name(model_cfg.preset, FLOAT), args.float_checkpoint)
 
 
 if __name__ == "__main__":

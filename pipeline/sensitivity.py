@@ -40,11 +40,13 @@ from maptr.quant.sensitivity import (
     top_operators,
 )
 from maptr.training.checkpoint import load_checkpoint
-from maptr.training.tracking import StageRun
+from maptr.training.lineage import log_dataset
+from maptr.training.run_group import open_stage_run, stage_main
 
 CHART_ROWS = 40  # operators shown in the bar chart
 
 
+@stage_main
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
@@ -57,6 +59,9 @@ def main() -> None:
     cfg = load_section(params, "sensitivity", SensitivityConfig)
     cal_cfg = load_section(params, "calibrate", CalibrateConfig)
     model_cfg = load_model_config(params)
+    stage_params = {"sensitivity": asdict(cfg), "calibrate": asdict(cal_cfg), "model": {"preset": model_cfg.preset}}
+    run = open_stage_run("sensitivity", stage_params, args.params)
+    log_dataset(run, args.packed, "calibration")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -93,12 +98,10 @@ def main() -> None:
         print(f"{mark} {row.rank:3d}. {row.name:<60} {row.kind:<8} NSR {row.activation_nsr:.2e}  "
               f"{row.pts_error_m:.3f} m")  # fmt: skip
 
-    stage_params = {"sensitivity": asdict(cfg), "calibrate": asdict(cal_cfg), "model": {"preset": model_cfg.preset}}
-    with StageRun("sensitivity", stage_params) as run:
-        run.log_metrics({"seconds": seconds, "num_operators": len(rows), "int16_topk": k,
-                         "top1_activation_nsr": rows[0].activation_nsr})  # fmt: skip
-        run.log_artifact(args.out)
-        run.log_artifact(args.plot)
+    run.log_metrics({"seconds": seconds, "num_operators": len(rows), "int16_topk": k,
+                     "top1_activation_nsr": rows[0].activation_nsr})  # fmt: skip
+    run.log_artifact(args.out)
+    run.log_artifact(args.plot)
 
 
 def bar_chart(rows: list[OperatorSensitivity], int16_ops: set[str], exclude: list[str], path: Path, title: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from maptr.config import SynthConfig, load_params, load_section
 from maptr.data.synthetic import generate_world
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,9 +43,11 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_section(load_params(args.params), "synth", SynthConfig)
+    run = open_stage_run("synth", {"synth": vars(cfg)}, args.params)
     start = time.perf_counter()
     stats = generate_world(
         args.out,
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(Path(args.stats), report)
     elapsed = time.perf_counter() - start
     splits = stats["splits"]
+    run.log_metrics({f"{split}_samples": splits[split]["samples"] for split in splits} | {"seconds": elapsed})
+    run.log_artifact(args.stats)
     print(
         f"synth: {splits['train']['samples']} train + {splits['val']['samples']} val samples "
         f"-> {args.out} in {elapsed:.1f} s; stats -> {args.stats}"

@@ -27,9 +27,11 @@ from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.quant.quantizer import build_model_from_checkpoint
 from maptr.training.checkpoint import load_checkpoint
-from maptr.training.tracking import StageRun
+from maptr.training.lineage import log_dataset, log_val_metrics, publish_ladder
+from maptr.training.run_group import open_stage_run, stage_main
 
 
+@stage_main
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--deployed", default="models/maptr_deploy.onnx", help="the compiled model")
@@ -42,6 +44,8 @@ def main() -> None:
     params = load_params(args.params)
     cfg = load_section(params, "validate", ValidateConfig)
     model_cfg = load_model_config(params)
+    run = open_stage_run("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    log_dataset(run, args.packed, "validation")
     torch.set_num_threads(max(cfg.threads, 1))
     ckpt = load_checkpoint(args.qat_checkpoint, expect_preset=model_cfg.preset)
     if "quant" not in ckpt:
@@ -70,10 +74,10 @@ def main() -> None:
         f"{100 * agreement['topk_class_agreement']:.2f}%"
     )
 
-    with StageRun("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}) as run:
-        run.log_metrics({**{k: v for k, v in document.items() if k.startswith(("mAP", "AP_"))},
-                         **{f"agreement/{k}": v for k, v in agreement.items()}})  # fmt: skip
-        run.log_artifact(args.metrics)
+    log_val_metrics(run, document, model=args.deployed, source=args.qat_checkpoint)
+    run.log_metrics({f"agreement/{k}": v for k, v in agreement.items()})
+    run.log_artifact(args.metrics)
+    publish_ladder(run)  # the ladder to the group's run and the registered deployed / float versions
 
 
 if __name__ == "__main__":

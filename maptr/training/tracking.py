@@ -1,4 +1,6 @@
-"""MLflow tracking for every stage: one run per stage, named after it, in one experiment.
+"""MLflow tracking for every stage: one run per stage, nested in its chain run's group, in one experiment.
+
+Groups, run names and the experiment's kind: :mod:`maptr.training.run_group`.
 
 Default store: ``sqlite:///<repo root>/mlflow.db`` with artifacts in ``<repo root>/mlartifacts``, absolute
 paths, so that runs made in DVC's temporary workspaces (``dvc exp run --temp`` / ``--queue``, which run
@@ -15,6 +17,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from maptr.config import load_params
+from maptr.training import run_group
 
 EXPERIMENT = "maptr-pipeline"
 
@@ -81,9 +86,12 @@ class StageRun:
             run.log_artifact("metrics/float.json")
     """
 
-    def __init__(self, stage: str, params: dict[str, Any], enabled: bool = True, tags: dict[str, str] | None = None):
+    def __init__(self, stage: str, params: dict[str, Any], enabled: bool = True, tags: dict[str, str] | None = None,
+                 params_file: str | Path | None = None, system_metrics: bool = False):  # fmt: skip
         self.stage, self.params, self.enabled, self.tags = stage, params, enabled, tags or {}
+        self.params_file, self.system_metrics = params_file, system_metrics
         self._mlflow = None
+        self.run_id = self.parent_id = self.experiment_id = self.group = None
 
     def __enter__(self) -> StageRun:
         if not self.enabled:
@@ -97,16 +105,19 @@ class StageRun:
 
         mlflow.set_tracking_uri(uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-        if mlflow.get_experiment_by_name(name) is None:
-            location = None if uri.startswith("http") else (repo_root() / "mlartifacts").as_uri()
-            mlflow.create_experiment(name, artifact_location=location)
-        mlflow.set_experiment(name)
-        tags = {"stage": self.stage, "git_revision": git_revision(), **self.tags}
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+        location = None if uri.startswith("http") else (repo_root() / "mlartifacts").as_uri()
+        client = mlflow.MlflowClient()
+        self.experiment_id = run_group.ensure_experiment(client, name, location)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        all_params = load_params(self.params_file) if self.params_file else {}
+        self.group = group = run_group.group_context(all_params)
+        self.parent_id = run_group.parent_run(client, self.experiment_id, group, all_params)
+        tags = {"stage": self.stage, "git_revision": git_revision(), **group.tags(), **self.tags}
         if os.environ.get("DVC_EXP_BASELINE_REV"):
             tags["dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
-        mlflow.start_run(run_name=self.stage, tags=tags)
+        run = mlflow.start_run(run_name=run_group.stage_run_name(self.stage, group), parent_run_id=self.parent_id,
+                               tags=tags, log_system_metrics=self.system_metrics)  # fmt: skip
+        self.run_id = run.info.run_id
         flat = {k: str(v) if isinstance(v, list) else v for k, v in flatten("", self.params).items()}
         mlflow.log_params(flat)
         self._mlflow = mlflow
@@ -114,7 +125,10 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._mlflow is not None:
-            self._mlflow.end_run(status="FINISHED" if exc_type is None else "FAILED")
+            killed = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+            status = "FINISHED" if exc_type is None else "KILLED" if killed else "FAILED"
+            self._mlflow.end_run(status=status)
+            run_group.end_parent(self._mlflow.MlflowClient(), self.parent_id, status)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._mlflow is not None:
