@@ -220,8 +220,10 @@ def test_dvc_repro_and_exp_run_are_one_group_each(tmp_path, store):
     assert repro.info.run_name.startswith(f"repro {rev[:7]} ") and repro.data.tags["git_revision"] == rev
     assert exp.info.run_name == "coarse-pack (micro)" and exp.data.tags["dvc_experiment"] == "coarse-pack"
     assert exp.data.params["pack.sample_dist"] == "2.0" and repro.data.params["pack.sample_dist"] == "1.0"
-    by_parent = {p.info.run_id: sorted(c.data.tags["stage"] for c in children
-                                       if c.data.tags["mlflow.parentRunId"] == p.info.run_id) for p in parents}  # fmt: skip
+    stages_of = {p.info.run_id: [] for p in parents}
+    for child in children:
+        stages_of[child.data.tags["mlflow.parentRunId"]].append(child.data.tags["stage"])
+    by_parent = {run_id: sorted(stages) for run_id, stages in stages_of.items()}
     assert by_parent == {repro.info.run_id: ["pack", "synth"], exp.info.run_id: ["pack"]}  # synth: unchanged
     assert len({r.info.run_name for r in parents + children}) == 5  # unique names
     assert all(r.info.status == "FINISHED" for r in parents + children)
