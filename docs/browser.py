@@ -23,7 +23,8 @@ class Browser:
     """One headless Chromium with one page of ``width`` x ``height`` CSS pixels."""
 
     def __init__(self, width: int = 1600, height: int = 1000, executable: str | None = None):
-        exe = executable or shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        names = ("chromium", "chromium-browser", "google-chrome")
+        exe = executable or next((path for path in map(shutil.which, names) if path), None)
         if exe is None:
             raise BrowserError("no Chromium found; install it (apt-get install -y chromium) or pass its path")
         self._profile = tempfile.mkdtemp(prefix="chromium-")
@@ -45,6 +46,10 @@ class Browser:
         self._next_id, self._buffer = 0, b""
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         self._session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.resize(width, height)
+
+    def resize(self, width: int, height: int) -> None:
+        """The page's viewport in CSS pixels (the screenshot's size)."""
         self.page("Emulation.setDeviceMetricsOverride",
                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
 

@@ -114,8 +114,7 @@ def screenshot(address: str, experiment_id: str, run_ids: list[str], out: Path) 
             }
             return Math.ceil(cell.getBoundingClientRect().bottom + 80);
         })()""")
-        browser.page("Emulation.setDeviceMetricsOverride",
-                     {"width": 1500, "height": max(int(height), 1000), "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+        browser.resize(1500, max(int(height), 1000))
         time.sleep(1)
         return browser.screenshot(out)
 
