@@ -135,7 +135,7 @@ def publish_ladder(run) -> dict[str, dict[str, float]]:
     metrics = ladder_metrics(rows)
     if run.parent_id is not None:
         flat = {f"ladder/{row}/{k}": v for row, values in metrics.items() for k, v in values.items()}
-        mlflow.MlflowClient().log_batch(run.parent_id, metrics=_metric_entities(flat))
+        client.log_batch(run.parent_id, metrics=_metric_entities(flat))
     registry.tag_ladder_versions(client, rows, metrics)
     return metrics
 

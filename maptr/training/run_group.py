@@ -61,17 +61,6 @@ class GroupContext:
         return tags
 
 
-def git_head(cwd: str | Path | None = None) -> str:
-    """HEAD's commit, "unknown" outside git."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=cwd)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def params_hash(params: dict[str, Any]) -> str:
     """sha256 of the parsed params (comments and layout do not count), first 12 hex digits."""
     values = {k: v for k, v in params.items() if not str(k).startswith("__")}
@@ -124,8 +113,10 @@ def dvc_invocation() -> str:
 
 def group_context(params: dict[str, Any]) -> GroupContext:
     """The group of the stage running in this process (see the module docstring)."""
+    from maptr.training.tracking import git_revision
+
     exp = os.environ.get("DVC_EXP_NAME", "")
-    rev = os.environ.get("DVC_EXP_BASELINE_REV") or git_head()
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or git_revision()
     phash = params_hash(params)
     preset = str((params.get("model") or {}).get("preset", ""))
     named = os.environ.get("MAPTR_RUN_GROUP", "")
