@@ -89,17 +89,28 @@ class Browser:
     def open(self, url: str, ready: str, timeout: float = 90.0) -> None:
         """Navigate and wait until the JavaScript expression ``ready`` is true."""
         self.page("Page.navigate", {"url": url})
+        self.wait(ready, timeout, f"{url}: not ready")
+
+    def wait(self, condition: str, timeout: float = 10.0, what: str = "page") -> None:
+        """Wait until the JavaScript expression ``condition`` is true (an exception in it counts as false)."""
         deadline = time.monotonic() + timeout
-        while not self.evaluate(f"(() => {{ try {{ return Boolean({ready}); }} catch (e) {{ return false; }} }})()"):
+        check = f"(() => {{ try {{ return Boolean({condition}); }} catch (e) {{ return false; }} }})()"
+        while not self.evaluate(check):
             if time.monotonic() > deadline:
-                raise BrowserError(f"{url}: not ready after {timeout:.0f} s ({ready}); is the server up?")
-            time.sleep(0.5)
+                raise BrowserError(f"{what}: {condition} still false after {timeout:.0f} s; is the server up?")
+            time.sleep(0.2)
+
+    def capture(self, clip: dict[str, float] | None = None) -> bytes:
+        """A PNG of the viewport, or of ``clip`` (x, y, width, height in CSS pixels)."""
+        params: dict[str, Any] = {"format": "png"}
+        if clip:
+            params["clip"] = {**clip, "scale": 1}
+        return base64.b64decode(self.page("Page.captureScreenshot", params)["data"])
 
     def screenshot(self, path: str | Path) -> Path:
-        data = self.page("Page.captureScreenshot", {"format": "png"})["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
+        path.write_bytes(self.capture())
         return path
 
     def close(self) -> None:

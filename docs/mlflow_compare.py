@@ -15,6 +15,7 @@ compare view with the ladder's four runs (float-train, calibrate, qat, validate)
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -93,30 +94,47 @@ def serve(uri: str, work: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def screenshot(address: str, experiment_id: str, run_ids: list[str], out: Path) -> Path:
-    """The compare view of ``run_ids`` as a PNG (page height: everything down to the metrics table)."""
+def screenshot(address: str, experiment_id: str, run_ids: list[str], out: Path, width: int = 1200) -> Path:
+    """The compare view of ``run_ids`` as a PNG: run details and every row of the metrics table (which the
+    page shows in a scrolling box of a few rows: the box's slices are captured scrolled and stacked)."""
+    from PIL import Image
+
     query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id]),
                                     "workflowType": "machine_learning"})  # fmt: skip
-    with Browser(1500, 1000) as browser:
+    with Browser(width, 1000) as browser:
         browser.open(f"{address}/#/compare-runs?{query}", "document.body.innerText.includes('Run details')")
         browser.evaluate("document.querySelector('button[aria-label=Close]')?.click()")  # the assistant panel
+        browser.evaluate("document.querySelector('button[aria-label=\"Toggle sidebar\"]')?.click()")
         for section in ("Visualizations", "Parameters", "Artifacts", "Tags"):
             browser.evaluate("Array.from(document.querySelectorAll('[role=button]'))"
                              f".find(e => e.innerText.trim() === '{section}')?.click()")  # fmt: skip
+        browser.evaluate("document.querySelectorAll('[data-assistant-ui]').forEach(e => e.style.display = 'none')")
         time.sleep(1)
-        # the metrics table scrolls inside a box of a few rows: let it show all of them
-        height = browser.evaluate("""(() => {
-            const cell = Array.from(document.querySelectorAll('a, td, div')).find(e => e.innerText === 'mAP');
-            for (let e = cell; e; e = e.parentElement) {
-                const style = getComputedStyle(e);
-                if (style.overflowY === 'auto' || style.overflowY === 'scroll') { e.style.maxHeight = 'none';
-                    e.style.height = 'auto'; e.style.overflowY = 'visible'; }
-            }
-            return Math.ceil(cell.getBoundingClientRect().bottom + 80);
-        })()""")
-        browser.resize(1500, max(int(height), 1000))
+        # the metrics table: a grid of metric names beside a grid of values, scrolling together
+        grids = "Array.from(document.querySelectorAll('.CompareRunView .ReactVirtualized__Grid'))"
+        box = browser.evaluate(f"""(() => {{ const rs = {grids}.map(g => g.getBoundingClientRect());
+            const x = Math.min(...rs.map(r => r.left)), right = Math.max(...rs.map(r => r.right));
+            return {{x: x, y: rs[0].top, width: right - x, height: rs[0].height,
+                     rows: Math.max(...{grids}.map(g => g.scrollHeight))}}; }})()""")
+        top, height, total = int(box["y"]), int(box["height"]), int(box["rows"])
+        browser.resize(width, top + height + 16)
         time.sleep(1)
-        return browser.screenshot(out)
+        page = Image.open(io.BytesIO(browser.capture()))
+        picture = Image.new("RGB", (page.width, page.height + total - height), "white")
+        picture.paste(page.crop((0, 0, page.width, top + height)), (0, 0))  # not the page's bottom edge
+        clip = {k: box[k] for k in ("x", "y", "width", "height")}
+        for offset in range(height, total, height):
+            scroll = min(offset, total - height)  # the last slice: the box stops at its end
+            for grid in (-1, 0):  # the values, then the names (scrolling the values resets the names)
+                browser.evaluate(f"{grids}.at({grid}).scrollTop = {scroll}")
+                time.sleep(0.5)
+            browser.wait(f"{grids}.every(g => g.scrollTop === {scroll})", what="metrics table")
+            piece = Image.open(io.BytesIO(browser.capture(clip)))
+            piece = piece.crop((0, offset - scroll, piece.width, piece.height))
+            picture.paste(piece, (int(box["x"]), top + offset))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        picture.crop((0, 0, picture.width, top + total + 16)).save(out, optimize=True)
+        return out
 
 
 def main() -> None:
