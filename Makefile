@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install repro test lint ui clean-venv
+.PHONY: install repro test lint ui clean-venv gpu-check gpu-check-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ test: $(STAMP)
 # The MLflow UI over the local store, reachable from this machine only (ssh -L 5000:127.0.0.1:5000 to view).
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+# The GPU check's data (~7 MB, git-ignored): made here, where synth and pack have their dependencies.
+gpu-check-data: $(STAMP)
+	$(BIN)/python benchmarks/make_gpu_check_data.py --out data/gpu_check
+
+# The GPU check itself, on a CUDA machine with its own torch: no venv, the source tree on PYTHONPATH
+# (benchmarks/gpu_check.py's docstring; README, "GPU"). Bring data/gpu_check along.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

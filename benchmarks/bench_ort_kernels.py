@@ -130,7 +130,7 @@ def broadcasts(threads: int, runs: int) -> None:
 
 def float_rewritten(args: argparse.Namespace) -> None:
     from maptr.deploy.compile_report import alternating_latency, latency_summary
-    from maptr.deploy.ort_compile import _ort_optimize
+    from maptr.deploy.ort_compile import ort_optimize
     from maptr.deploy.ort_runner import DEPLOYED_LEVEL
     from maptr.deploy.reshape_chains import collapse_reshape_chains
     from maptr.deploy.skip_layer_norm import split_skip_layer_norms
@@ -140,7 +140,7 @@ def float_rewritten(args: argparse.Namespace) -> None:
     feeds = frame_inputs(args.qdq)
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "float_extended.onnx"
-        _ort_optimize(onnx.load(args.float_model), optimized, "extended")
+        ort_optimize(onnx.load(args.float_model), optimized, "extended")
         model, norms = split_skip_layer_norms(onnx.load(str(optimized)))
         model, reshapes = collapse_reshape_chains(model)
         model, expanded = expand_short_run_broadcasts(model)

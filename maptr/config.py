@@ -1,13 +1,19 @@
 """Typed view of ``params.yaml``: one dataclass per section, filled and type-checked from the file.
 
-Every stage script reads its own section with :func:`load_section`; a wrong type, an unknown key or an
-unknown preset raises :class:`ParamsError` naming the file, the key and the fix, so a typo in
-``params.yaml`` never silently falls back to a default.
+Every stage script reads its own section with :func:`load_section`; a wrong type, an unknown or missing key
+or an unknown preset raises :class:`ParamsError` naming the file, the key and the fix, so a typo in
+``params.yaml`` never silently falls back to a default: params.yaml is the one source of every knob (the
+dataclass defaults below serve code that builds configs directly, e.g. tests, never a stage).
+
+The file is read with YAML 1.2 rules, as DVC reads and writes params (with ruamel.yaml): ``dvc exp run -S
+qat.lr=1e-6`` writes ``lr: 1e-06``, which PyYAML's YAML 1.1 rules take for a string. Here PyYAML parses with
+the YAML 1.2 core schema's scalar rules instead (no ruamel at run time: the GPU check's machines lack it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from yaml import YAMLError
 
 T = TypeVar("T")
 
@@ -41,7 +48,7 @@ class SynthConfig:
 @dataclass
 class PackConfig:
     dataroot: str = "data/nuscenes"
-    version: str = "v1.0-trainval"
+    version: str = "auto"  # v1.0-trainval | v1.0-mini | auto: the one v1.0-* folder under dataroot
     pc_range: list[float] = field(default_factory=lambda: [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
     classes: list[str] = field(default_factory=lambda: ["divider", "ped_crossing", "boundary"])
     sample_dist: float = 1.0
@@ -51,6 +58,9 @@ class PackConfig:
 class TrainConfig:
     """A training run (the guide's float_trainer); section ``float`` (and the base of ``qat``)."""
 
+    # The command DVC runs the stage's script with (dvc.yaml: `${float.launcher} pipeline/float_train.py ...`):
+    # `python`, or `torchrun --nproc_per_node=8` for a GPU run that DVC records in dvc.lock like any other.
+    launcher: str = "python"
     seed: int = 0
     epochs: int = 4
     batch_size: int = 2
@@ -196,18 +206,53 @@ class ModelConfig:
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
 
 
+# ModelConfig fields that load_model_config fills from other keys, not from the preset block.
+MODEL_DERIVED_FIELDS = frozenset({"preset", "pretrained", "pc_range", "num_classes", "criterion"})
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading and type checking
 # --------------------------------------------------------------------------------------------------
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the scalars of the YAML 1.2 core schema: ``1e-06``, ``1e-3`` and ``.5``
+    are floats, ``010`` is ten, ``yes`` / ``on`` / ``no`` stay strings."""
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0x": 16, "0o": 8}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {}  # YAML 1.1's rules (PyYAML's defaults) dropped, the 1.2 core set added
+for _tag, _pattern, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+):  # fmt: skip
+    _Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2 (core schema) as DVC reads it: ``1e-06``, ``1e-3`` and ``.5`` are floats; ``yes`` / ``on`` are
+    strings, not booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read a params file; a missing or malformed file raises :class:`ParamsError`."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (run from the repository root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        data = parse_yaml(path.read_text())
+    except YAMLError as exc:
+        first = " ".join(str(exc).split())  # one line: the message names the line and column
+        raise ParamsError(f"{path}: not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level, got {type(data).__name__}")
     data["__file__"] = str(path)
@@ -255,19 +300,24 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
     raise ParamsError(f"{where}: unsupported type {tp}")  # a programming error, reported the same way
 
 
-def from_dict(cls: type[T], data: Any, where: str) -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types are errors naming ``where``."""
+def from_dict(cls: type[T], data: Any, where: str, derived: frozenset[str] = frozenset()) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys, missing keys and wrong types are errors naming
+    ``where``. ``derived``: fields filled by the caller from elsewhere, never read from this mapping."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - derived
     unknown = sorted(set(data) - names)
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
+    missing = sorted(names - set(data))
+    if missing:
+        raise ParamsError(f"{where}: missing key(s) {missing}; set them in params.yaml (no knob has a default "
+                          "in the code)")  # fmt: skip
     kwargs = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    return check_ranges(cls(**kwargs), where)
 
 
 def load_section(params: dict[str, Any], name: str, cls: type[T]) -> T:
@@ -293,19 +343,22 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
     extra = sorted(set(model) - {"preset", "presets", "pretrained", "criterion"})
     if extra:
         raise ParamsError(f"{file}: model: unknown key(s) {extra}; per-preset knobs go under model.presets")
+    for key in ("pretrained", "criterion"):
+        if key not in model:
+            raise ParamsError(f"{file}: model.{key}: missing; set it in params.yaml (see the repository's file)")
     pack = load_section(params, "pack", PackConfig)
     # Every preset is checked, not only the selected one: a typo in `tiny` should fail now, not the
     # day someone runs `dvc exp run -S model.preset=tiny`.
     built = {}
     for name, block in presets.items():
         where = f"{file}: model.presets.{name}"
-        built[name] = from_dict(ModelConfig, block, where)
+        built[name] = from_dict(ModelConfig, block, where, derived=MODEL_DERIVED_FIELDS)
         built[name].pc_range = pack.pc_range
         _validate_model(built[name], where)
     cfg = built[preset]
     cfg.preset = preset
-    cfg.pretrained = _check_value(model.get("pretrained", ""), str, f"{file}: model.pretrained")
-    cfg.criterion = from_dict(CriterionConfig, model.get("criterion"), f"{file}: model.criterion")
+    cfg.pretrained = _check_value(model["pretrained"], str, f"{file}: model.pretrained")
+    cfg.criterion = from_dict(CriterionConfig, model["criterion"], f"{file}: model.criterion")
     cfg.num_classes = len(pack.classes)
     return cfg
 
@@ -331,3 +384,71 @@ def _validate_model(cfg: ModelConfig, where: str) -> None:
             f"{where}: num_vec_one2many ({cfg.num_vec_one2many}) and k_one2many ({cfg.k_one2many}) must be both 0 "
             "(no one2many group) or both > 0"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranges: a value of the right type can still be meaningless (0 epochs, a probability of 2). Checked for
+# every section when it is read, so each stage refuses it before any work, with the key and the range.
+# --------------------------------------------------------------------------------------------------
+Rule = tuple[typing.Callable[[Any], bool], str]
+
+
+def _ge(low: float) -> Rule:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _gt(low: float) -> Rule:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low: float, high: float) -> Rule:
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+def _one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+_COUNT, _NONNEG, _POSITIVE, _PROB = _ge(1), _ge(0), _gt(0), _within(0, 1)
+_RANGES: dict[type, dict[str, Rule]] = {
+    SynthConfig: {"seed": _NONNEG, "train_scenes": _COUNT, "val_scenes": _COUNT, "samples_per_scene": _COUNT,
+                  "image_width": _ge(32), "image_height": _ge(32), "jpeg_quality": _within(1, 100)},
+    PackConfig: {"sample_dist": _POSITIVE},
+    TrainConfig: {"seed": _NONNEG, "epochs": _COUNT, "batch_size": _COUNT, "lr": _POSITIVE,
+                  "backbone_lr_mult": _NONNEG, "weight_decay": _NONNEG, "warmup_steps": _NONNEG,
+                  "warmup_ratio": _PROB, "min_lr_ratio": _PROB, "grad_clip": _NONNEG,
+                  "num_workers": _NONNEG, "threads": _NONNEG, "val_batch_size": _COUNT, "ckpt_every_steps": _NONNEG,
+                  "log_every_steps": _COUNT, "cache_mb": _NONNEG},
+    QATConfig: {"samples_per_epoch": _NONNEG},
+    SensitivityConfig: {"calibration_batches": _COUNT, "num_batches": _COUNT, "batch_size": _COUNT,
+                        "seed": _NONNEG, "threads": _NONNEG},
+    CalibrateConfig: {"steps": _COUNT, "batch_size": _COUNT, "observer": _one_of("mse", "percentile", "minmax"),
+                      "percentile": _within(50, 100), "int16_topk": _NONNEG, "seed": _NONNEG, "threads": _NONNEG,
+                      "val_batch_size": _COUNT},
+    ExportConfig: {"opset": _ge(21), "seed": _NONNEG, "threads": _NONNEG},
+    # the levels ONNX Runtime can save (maptr.deploy.checker.LEVELS; not imported: config stays light)
+    CompileConfig: {"optimization_level": _one_of("basic", "extended", "all"), "threads": _COUNT,
+                    "thread_sweep": _COUNT, "warmup": _NONNEG, "runs": _COUNT, "rounds": _COUNT,
+                    "profile_runs": _NONNEG},
+    ValidateConfig: {"batch_size": _COUNT, "threads": _NONNEG, "top_k": _COUNT},
+    CriterionConfig: {**{f.name: _NONNEG for f in dataclasses.fields(CriterionConfig)}, "focal_alpha": _PROB},
+    ModelConfig: {**{name: _COUNT for name in (
+        "embed_dims", "num_heads", "ffn_dims", "bev_h", "bev_w", "num_points_in_pillar", "encoder_layers",
+        "encoder_sca_points", "encoder_tsa_points", "decoder_layers", "decoder_points", "num_vec_one2one",
+        "max_num", "image_size")},
+        "num_vec_one2many": _NONNEG, "k_one2many": _NONNEG, "num_pts_per_vec": _ge(2), "dropout": _within(0, 0.99)},
+}  # fmt: skip
+
+
+def check_ranges(cfg: T, where: str) -> T:
+    """Return ``cfg`` when every value lies in its range (a list: each item), else raise ParamsError
+    naming ``where.key``, the range and the value."""
+    rules: dict[str, Rule] = {}
+    for klass in reversed(type(cfg).__mro__):  # QATConfig: TrainConfig's rules, then its own
+        rules.update(_RANGES.get(klass, {}))
+    for key, (ok, need) in rules.items():
+        value = getattr(cfg, key)
+        if not all(ok(v) for v in (value if isinstance(value, list) else [value])):
+            each = "each item " if isinstance(value, list) else ""
+            raise ParamsError(f"{where}.{key}: {each}must be {need}, got {value!r}")
+    return cfg

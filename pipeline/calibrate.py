@@ -11,29 +11,13 @@ config) and metrics/calibration.json (the keys of metrics/float.json). Everythin
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import CalibrateConfig, load_model_config, load_params, load_section
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.evaluation.inference import evaluate_model, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.models.maptr import build_maptr
-from maptr.quant.calibration import calibrate, calibration_loader
-from maptr.quant.quantizer import QuantConfig, quantize_model
-from maptr.quant.sensitivity import int16_topk_for_params, top_operators
-from maptr.training.checkpoint import load_checkpoint, save_checkpoint
-from maptr.training.lineage import log_dataset, log_val_metrics
 from maptr.training.run_group import open_stage_run, stage_main
 
 
-@stage_main
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
     p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float model")
@@ -41,7 +25,28 @@ def main() -> None:
     p.add_argument("--out", default="models/calibration-checkpoint-best.pt", help="calibrated checkpoint")
     p.add_argument("--metrics", default="metrics/calibration.json", help="val metrics of the calibrated model")
     p.add_argument("--observer", default=None, help="override calibrate.observer (for comparisons)")
-    args = p.parse_args()
+    return p
+
+
+@stage_main
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import time
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import CalibrateConfig, load_model_config, load_params, load_section
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.models.maptr import build_maptr
+    from maptr.quant.calibration import calibrate, calibration_loader
+    from maptr.quant.quantizer import QuantConfig, quantize_model
+    from maptr.training.checkpoint import load_checkpoint, save_checkpoint
+    from maptr.training.lineage import log_dataset, log_val_metrics
 
     params = load_params(args.params)
     cfg = load_section(params, "calibrate", CalibrateConfig)
@@ -90,12 +95,21 @@ def main() -> None:
     run.log_artifact(args.out, artifact_path="checkpoints")
 
 
-def sensitive_operators(path: str, params: dict, cfg: CalibrateConfig, preset: str) -> list[str]:
-    """The top-k of the sensitivity ranking; a missing or foreign report is a user error."""
+def sensitive_operators(path: str, params: dict, cfg, preset: str) -> list[str]:
+    """The top-k of the sensitivity ranking (``cfg``: the CalibrateConfig); a missing or foreign report is a
+    user error."""
+    from maptr.quant.sensitivity import int16_topk_for_params, top_operators
+
     try:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise cli.UserError(f"{path}: sensitivity report not found; run the sensitivity stage first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise cli.UserError(
+            f"{path}: not valid JSON (truncated or corrupt: {exc}); re-run the sensitivity stage"
+        ) from None
+    if not isinstance(report, dict) or not {"operators", "num_operators"} <= set(report):
+        raise cli.UserError(f"{path}: not a sensitivity report (no operators table); re-run the sensitivity stage")
     if report.get("preset") != preset:
         raise cli.UserError(
             f"{path} ranks preset {report.get('preset')!r}, params select {preset!r}; re-run sensitivity"

@@ -26,42 +26,42 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import CalibrateConfig, load_model_config, load_params, load_section
-from maptr.deploy.checker import LEVELS, check_model, format_report
-from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
-from maptr.deploy.ort_compile import optimize_and_save
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL
-from maptr.models.maptr import build_maptr
-from maptr.quant.calibration import calibrate
-from maptr.quant.quantizer import (
-    QuantConfig,
-    build_model_from_checkpoint,
-    count_quantized_operators,
-    quantize_model,
-    quantized_operators,
-)
-from maptr.quant.sensitivity import int16_topk_for_params, top_operators
-from maptr.training.checkpoint import load_checkpoint
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--preset", default=None, help="model preset (default: model.preset of the params file)")
     p.add_argument("--checkpoint", default=None, help="a calibration / QAT checkpoint to check instead")
     p.add_argument("--sensitivity", default="reports/sensitivity.json", help="ranking for the int16 operators")
     p.add_argument("--out", default=None, help="JSON report (default reports/check_model_<preset>.json)")
     p.add_argument("--onnx", default=None, help="keep the exported model here (default: a temporary file)")
-    p.add_argument("--level", default="extended", choices=sorted(LEVELS), help="ORT graph optimization level")
+    p.add_argument("--level", default="extended", help="ORT graph optimization level: basic | extended | all")
     p.add_argument("--compiled", action="store_true", help="check the compile stage's output for this export "
                    "(loaded at ORT level all, as deployed) instead of ORT's fusion of the raw export")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch and ORT threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p
 
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import load_model_config, load_params
+    from maptr.deploy.checker import check_model, format_report
+    from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
+    from maptr.deploy.ort_compile import optimize_and_save
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, LEVELS
+    from maptr.models.maptr import build_maptr
+    from maptr.quant.calibration import calibrate
+    from maptr.quant.quantizer import QuantConfig, build_model_from_checkpoint, quantize_model, quantized_operators
+    from maptr.training.checkpoint import load_checkpoint
+
+    if args.level not in LEVELS:
+        raise cli.UserError(f"--level: {args.level!r} is not one of {', '.join(LEVELS)}")
     params = load_params(args.params)
     if args.preset:
         params["model"]["preset"] = args.preset
@@ -114,6 +114,10 @@ def main() -> None:
 
 def _int16_from_report(path: str, params: dict, model_cfg) -> tuple[list[str], str]:
     """The top-k of a sensitivity report made for this preset, with calibrate's k rule; else none."""
+    from maptr.config import CalibrateConfig, load_section
+    from maptr.quant.quantizer import count_quantized_operators
+    from maptr.quant.sensitivity import int16_topk_for_params, top_operators
+
     report_path = Path(path)
     if not report_path.is_file():
         return [], f"no sensitivity report at {path}: all activations 8-bit"

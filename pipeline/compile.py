@@ -2,46 +2,24 @@
 
     python pipeline/compile.py --params params.yaml
 
-Reads section `compile`. The input-independent part of models/maptr_qdq.onnx is computed once
-(constant folding: ORT does not fold behind a DequantizeLinear) and the ReLUs that the uint8
-quantization after them performs are removed, then ONNX Runtime optimizes it at
-`compile.optimization_level` (Q/DQ groups fused into integer kernels) and the result is saved as
-models/maptr_deploy.onnx (portable across x86 CPUs), then loaded back as every deployed session loads it
-(ORT level `all`: the CPU's own layouts added) and checked to give the outputs of the in-memory
-optimization. Then the deployed model and models/maptr_float.onnx (ORT's default
-optimizations, its best) are timed in `compile.rounds` alternating rounds with `compile.threads` threads,
-one ORT session alive at a time: latency p50 / p90 over `compile.runs` runs (`compile.warmup` untimed
-runs per session), size, operator types, integer vs float kernels and
-profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
+Reads section `compile`. models/maptr_qdq.onnx goes through the compile passes of
+maptr/deploy/ort_compile.py (its docstring numbers them): graph rewrites, then ONNX Runtime's optimizer at
+`compile.optimization_level` (Q/DQ groups fused into integer kernels), then rewrites of ORT's graph. The
+result is saved as models/maptr_deploy.onnx (portable across x86 CPUs), then loaded back as every deployed
+session loads it (ORT level `all`: the CPU's own layouts added) and checked to give the outputs of the
+in-memory compilation; each pass's count goes to the report's `passes`. Then the deployed model and
+models/maptr_float.onnx (ORT's default optimizations, its best) are timed in `compile.rounds` alternating
+rounds with `compile.threads` threads, one ORT session alive at a time: latency p50 / p90 over
+`compile.runs` runs (`compile.warmup` untimed runs per session), size, operator types, integer vs float
+kernels and profiled time per operator type -> reports/compile.json and reports/compile.md. All of it to MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import asdict
-from pathlib import Path
-
-import numpy as np
-import onnxruntime as ort
-import torch
 
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import CompileConfig, ParamsError, load_params, load_section
-from maptr.deploy.checker import LEVELS
-from maptr.deploy.compile_report import (
-    alternating_latency,
-    compile_markdown,
-    latency_summary,
-    model_figures,
-    profile_ops,
-)
-from maptr.deploy.onnx_export import log_onnx_model, pinhole_rig, random_pixel_images
-from maptr.deploy.ort_compile import optimize_and_save, outputs_match
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session
-from maptr.deploy.registry import DEPLOYED, registered_name
 from maptr.training.run_group import open_stage_run, stage_main
 
 # The saved file runs the in-memory compilation's graph with the same kernels: equal up to float rounding.
@@ -49,40 +27,68 @@ from maptr.training.run_group import open_stage_run, stage_main
 SAVED_MODEL_TOLERANCE = 1e-5
 
 
-def frame_inputs(path: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random normalized 8-bit images and a pinhole rig at the model's input shape (read from the file)."""
+def frame_inputs(path: str, seed: int = 0) -> dict:
+    """Random normalized 8-bit images and a pinhole rig at the model's input shape (read from the file), as
+    numpy arrays by input name."""
+    from maptr.deploy.onnx_export import pinhole_rig, random_pixel_images
+    from maptr.deploy.ort_runner import SAVED, create_session
+
     shape = create_session(path, threads=1, level=SAVED).get_inputs()[0].shape  # [1, Ncam, 3, H, W]
     img = random_pixel_images(shape, seed)  # (1, Ncam, 3, H, W)
     return {"img": img.numpy(), "lidar2img": pinhole_rig((shape[4], shape[3]), shape[1]).numpy()}
 
 
-@stage_main
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--qdq", default="models/maptr_qdq.onnx", help="exported Q/DQ model")
     p.add_argument("--float", dest="float_model", default="models/maptr_float.onnx", help="float ONNX baseline")
     p.add_argument("--out", default="models/maptr_deploy.onnx", help="deployable (optimized) model")
     p.add_argument("--report", default="reports/compile.json")
     p.add_argument("--table", default="reports/compile.md", help="the readable table of the report")
-    args = p.parse_args()
+    return p
+
+
+@stage_main
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import time
+    from dataclasses import asdict
+
+    import onnxruntime as ort
+    import torch
+
+    from maptr.atomic import atomic_file, write_text_atomic
+    from maptr.config import CompileConfig, load_params, load_section
+    from maptr.deploy.compile_report import (
+        alternating_latency,
+        compile_markdown,
+        latency_summary,
+        model_figures,
+        profile_ops,
+    )
+    from maptr.deploy.onnx_export import log_onnx_model
+    from maptr.deploy.ort_compile import optimize_and_save, outputs_match
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, check_onnx_readable
+    from maptr.deploy.registry import DEPLOYED, registered_name
 
     params = load_params(args.params)
-    cfg = load_section(params, "compile", CompileConfig)
-    if cfg.optimization_level not in LEVELS:
-        raise ParamsError(f"{args.params}: compile.optimization_level: {cfg.optimization_level!r} is not one of "
-                          f"{sorted(LEVELS)}")  # fmt: skip
-    if min(cfg.threads, cfg.runs, cfg.rounds, *cfg.thread_sweep) < 1:
-        raise ParamsError(f"{args.params}: compile.threads, thread_sweep, runs and rounds must be >= 1")
+    cfg = load_section(params, "compile", CompileConfig)  # ranges and the level checked in maptr.config
     run = open_stage_run("compile", {"compile": asdict(cfg)}, args.params)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    compiled = optimize_and_save(args.qdq, args.out, cfg.optimization_level)
+    for path in (args.qdq, args.float_model):
+        check_onnx_readable(path)
     feeds = frame_inputs(args.qdq)
-    check = outputs_match(args.qdq, args.out, feeds, cfg.optimization_level)
-    if max(check.reproduces.values()) > SAVED_MODEL_TOLERANCE:
-        Path(args.out).unlink()  # nothing that looks like a finished deployable model stays behind
-        raise RuntimeError(f"{args.out} did not reproduce the compiled model's outputs (max diff {check.reproduces}) "
-                           "and was removed; see maptr.deploy.ort_compile.outputs_match")  # fmt: skip
+    # Compiled and checked under a temporary name: a killed or failed compile leaves no deployable-looking file.
+    with atomic_file(args.out) as tmp:
+        compiled = optimize_and_save(args.qdq, tmp, cfg.optimization_level)
+        check = outputs_match(args.qdq, tmp, feeds, cfg.optimization_level)
+        if max(check.reproduces.values()) > SAVED_MODEL_TOLERANCE:
+            raise RuntimeError(
+                f"{args.out} did not reproduce the compiled model's outputs (max diff {check.reproduces}) and was "
+                "not kept; see maptr.deploy.ort_compile.outputs_match"
+            )
     compile_seconds = time.perf_counter() - start
 
     models = {"float": (args.float_model, "all"), "deployed": (args.out, DEPLOYED_LEVEL)}
@@ -107,15 +113,7 @@ def main() -> None:
         threads=cfg.threads, warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, onnxruntime=ort.__version__,
         load_average=[round(x, 2) for x in os.getloadavg()], saved_model_check=check.reproduces,
         qgemm_rewrite_effect=check.qgemm_rewrite_effect,
-        compile_seconds=compile_seconds, constant_folding=compiled.fold.to_dict(),
-        relus_removed=compiled.relus_removed, integer_biases=compiled.integer_biases,
-        space_to_depth_convs=compiled.space_to_depth_convs, int16_pairs_removed=compiled.int16_pairs_removed,
-        qgemm_rewrites=asdict(compiled.qgemm_rewrites),
-        float_weights_folded=compiled.float_weights_folded,
-        conv_outputs_channels_last=compiled.conv_outputs_channels_last,
-        skip_layer_norms_split=compiled.skip_layer_norms_split, reshapes_collapsed=compiled.reshapes_collapsed,
-        broadcasts_expanded=compiled.broadcasts_expanded,
-        deployed_load_level=DEPLOYED_LEVEL,
+        compile_seconds=compile_seconds, passes=compiled.passes(), deployed_load_level=DEPLOYED_LEVEL,
     )  # fmt: skip
     write_text_atomic(args.report, json.dumps(report, indent=2))
     write_text_atomic(args.table, compile_markdown(report))
@@ -142,9 +140,11 @@ def main() -> None:
     })  # fmt: skip
     for threads, row in report["by_threads"].items():
         run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
+    run.log_metrics({f"passes/{name}": entry["count"] for name, entry in report["passes"].items()})
     run.log_artifact(args.report)
     run.log_artifact(args.table)
-    log_onnx_model(args.out, "maptr_deploy", registered_name(params["model"]["preset"], DEPLOYED))
+    registered = registered_name(params["model"]["preset"], DEPLOYED)
+    run.call("ONNX model (maptr_deploy)", lambda: log_onnx_model(args.out, "maptr_deploy", registered))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,7 @@ import json
 import math
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import load_model_config, load_params
-from maptr.models.maptr import NUM_CAMS, MapTR, build_maptr
-from maptr.models.spatial_cross_attention import use_dense_camera_attention
 
 ROOT = "MapTR"  # FlopCounterMode names modules "<root class>.<fqn>"
 GROUPS = ("backbone", "neck", "encoder", "decoder", "map heads", "seg heads (train only)")
@@ -48,15 +41,21 @@ def _param_group(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def count_params(model: MapTR) -> dict[str, int]:
+def count_params(model) -> dict[str, int]:
+    """Parameters per group of a MapTR model."""
     counts = dict.fromkeys(GROUPS, 0)
     for name, p in model.named_parameters():
         counts[_param_group(name)] += p.numel()
     return counts
 
 
-def count_flops(model: MapTR, image_size: list[int], train: bool, batch: int = 1) -> dict[str, int]:
-    """FLOPs per group of one forward (meta tensors)."""
+def count_flops(model, image_size: list[int], train: bool, batch: int = 1) -> dict[str, int]:
+    """FLOPs per group of one forward of a MapTR model (meta tensors)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from maptr.models.maptr import NUM_CAMS
+
     width, height = image_size
     img = torch.empty(batch, NUM_CAMS, 3, height, width, device="meta")
     lidar2img = torch.empty(batch, NUM_CAMS, 4, 4, device="meta")
@@ -85,6 +84,13 @@ def count_flops(model: MapTR, image_size: list[int], train: bool, batch: int = 1
 
 
 def report(preset: str, params_path: str) -> dict:
+    """Parameters and FLOPs per group of a preset (the params file's own by default)."""
+    import torch
+
+    from maptr.config import load_model_config, load_params
+    from maptr.models.maptr import NUM_CAMS, build_maptr
+    from maptr.models.spatial_cross_attention import use_dense_camera_attention
+
     params = load_params(params_path)
     if preset:
         params.setdefault("model", {})["preset"] = preset
@@ -132,11 +138,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
     p = cli.parser(__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="", help="model preset; empty: model.preset of the params file")
     p.add_argument("--json", default="", help="also write the figures to this JSON file; empty: print only")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from maptr.atomic import write_text_atomic
+
     result = report(args.preset, args.params)
     print(format_table(result))
     if args.json:

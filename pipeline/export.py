@@ -14,34 +14,40 @@ PyTorch on the trace inputs. Files are written atomically; models and figures go
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import onnx
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import ExportConfig, load_model_config, load_params, load_section
-from maptr.deploy.onnx_export import (
-    UnexportableOperatorError,
-    check_onnx_file,
-    example_inputs,
-    export_onnx,
-    log_onnx_model,
-    qdq_dtype_counts,
-)
-from maptr.deploy.ort_runner import create_session, run_frame
-from maptr.deploy.registry import FLOAT, registered_name
-from maptr.quant.quantizer import build_model_from_checkpoint
-from maptr.training.checkpoint import load_checkpoint
 from maptr.training.run_group import open_stage_run, stage_main
 
 
-def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg: ExportConfig, quantized: bool) -> dict:
-    """Export one checkpoint, check the file, compare ONNX Runtime with PyTorch; returns its figures."""
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--qat-checkpoint", default="models/qat-checkpoint-best.pt", help="quantized model to deploy")
+    p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float baseline")
+    p.add_argument("--qdq-out", default="models/maptr_qdq.onnx")
+    p.add_argument("--float-out", default="models/maptr_float.onnx")
+    p.add_argument("--report", default="reports/export.json", help="figures of both exports")
+    return p
+
+
+def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg, quantized: bool) -> tuple[dict, float]:
+    """Export one checkpoint (``cfg``: the ExportConfig), check the file, compare ONNX Runtime with PyTorch;
+    returns its figures and the export's seconds (kept apart: the figures go to a DVC-tracked report, whose
+    bytes must not change between two runs of the same inputs)."""
+    import numpy as np
+    import onnx
+
+    from maptr.deploy.onnx_export import (
+        UnexportableOperatorError,
+        check_onnx_file,
+        example_inputs,
+        export_onnx,
+        qdq_dtype_counts,
+    )
+    from maptr.deploy.ort_runner import create_session, run_frame
+    from maptr.quant.quantizer import build_model_from_checkpoint
+    from maptr.training.checkpoint import load_checkpoint
+
     ckpt = load_checkpoint(checkpoint, expect_preset=model_cfg.preset)
     if quantized != ("quant" in ckpt):
         want = "a QAT / calibration" if quantized else "a float"
@@ -57,7 +63,6 @@ def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg: ExportConfig, q
     session = create_session(out, threads=max(cfg.threads, 1), level="disabled")
     scores, pts = run_frame(session, img.numpy(), lidar2img.numpy())
     figures = {
-        "export_seconds": exported.seconds,
         "nodes": exported.num_nodes,
         "size_mb": Path(out).stat().st_size / 2**20,
         "output_shapes": shapes,
@@ -68,18 +73,22 @@ def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg: ExportConfig, q
     }
     if quantized:
         figures["quantize_linear_by_dtype"] = qdq_dtype_counts(onnx.load(out))
-    return figures
+    return figures, exported.seconds
 
 
 @stage_main
 def main() -> None:
-    p = cli.parser(__doc__)
-    p.add_argument("--qat-checkpoint", default="models/qat-checkpoint-best.pt", help="quantized model to deploy")
-    p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float baseline")
-    p.add_argument("--qdq-out", default="models/maptr_qdq.onnx")
-    p.add_argument("--float-out", default="models/maptr_float.onnx")
-    p.add_argument("--report", default="reports/export.json", help="figures of both exports")
-    args = p.parse_args()
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import time
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import ExportConfig, load_model_config, load_params, load_section
+    from maptr.deploy.onnx_export import log_onnx_model
+    from maptr.deploy.registry import FLOAT, registered_name
 
     params = load_params(args.params)
     cfg = load_section(params, "export", ExportConfig)
@@ -88,31 +97,33 @@ def main() -> None:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
-    report = {
-        "preset": model_cfg.preset,
-        "opset": cfg.opset,
-        "qdq": export_checkpoint(args.qat_checkpoint, args.qdq_out, model_cfg, cfg, quantized=True),
-        "float": export_checkpoint(args.float_checkpoint, args.float_out, model_cfg, cfg, quantized=False),
-    }
-    report["seconds"] = time.perf_counter() - start
+    report = {"preset": model_cfg.preset, "opset": cfg.opset}
+    seconds = {}
+    report["qdq"], seconds["qdq"] = export_checkpoint(args.qat_checkpoint, args.qdq_out, model_cfg, cfg, quantized=True)
+    report["float"], seconds["float"] = export_checkpoint(
+        args.float_checkpoint, args.float_out, model_cfg, cfg, quantized=False
+    )
     write_text_atomic(args.report, json.dumps(report, indent=2))
     for name in ("qdq", "float"):
         r = report[name]
         print(
-            f"{name}: {r['nodes']} nodes, {r['size_mb']:.1f} MB, exported in {r['export_seconds']:.1f} s; "
+            f"{name}: {r['nodes']} nodes, {r['size_mb']:.1f} MB, exported in {seconds[name]:.1f} s; "
             f"max |ORT - torch| scores {r['max_abs_diff_ort_vs_torch']['scores']:.2e}, "
             f"pts {r['max_abs_diff_ort_vs_torch']['pts']:.2e}"
         )
-    print(f"QuantizeLinear by type: {report['qdq']['quantize_linear_by_dtype']}; {report['seconds']:.0f} s in all")
+    print(f"QuantizeLinear by type: {report['qdq']['quantize_linear_by_dtype']}; "
+          f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
 
     for name in ("qdq", "float"):
         r = report[name]
         diffs = {f"{name}/max_abs_diff_{k}": v for k, v in r["max_abs_diff_ort_vs_torch"].items()}
         run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
-                         f"{name}/export_seconds": r["export_seconds"], **diffs})  # fmt: skip
+                         f"{name}/export_seconds": seconds[name], **diffs})  # fmt: skip
     run.log_artifact(args.report)
-    log_onnx_model(args.qdq_out, "maptr_qdq")
-    log_onnx_model(args.float_out, "maptr_float", registered_name(model_cfg.preset, FLOAT), args.float_checkpoint)
+    run.call("ONNX model (maptr_qdq)", lambda: log_onnx_model(args.qdq_out, "maptr_qdq"))
+    registered = registered_name(model_cfg.preset, FLOAT)
+    run.call("ONNX model (maptr_float)",
+             lambda: log_onnx_model(args.float_out, "maptr_float", registered, args.float_checkpoint))  # fmt: skip
 
 
 if __name__ == "__main__":

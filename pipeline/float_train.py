@@ -2,7 +2,7 @@
 
 Reads sections `float` (the training strategy) and `model` (the preset). Runs alone or under torchrun:
 
-    torchrun --nproc_per_node=2 pipeline/float_train.py --params params.yaml
+    GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node=2 pipeline/float_train.py --params params.yaml
 
 Writes the best checkpoint by val mAP, metrics/float.json, the per-epoch curve, a learning-curve PNG,
 PR curves and a BEV picture, all also logged to MLflow. `--resume` continues an interrupted run from the
@@ -13,25 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from maptr import cli, viz
-from maptr.atomic import write_text_atomic
-from maptr.config import TrainConfig, load_model_config, load_params, load_section
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.evaluation.chamfer_ap import precision_recall_curves
-from maptr.evaluation.inference import evaluate_model, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.models.maptr import build_maptr
-from maptr.training.checkpoint import load_checkpoint
-from maptr.training.criterion import build_criterion
-from maptr.training.distributed import cleanup, init_distributed
-from maptr.training.lineage import log_dataset, log_val_metrics
-from maptr.training.tracking import StageRun
-from maptr.training.trainer import Trainer
+from maptr import cli
 
 METRIC_KEYS = ("mAP", "AP_divider", "AP_ped_crossing", "AP_boundary")
 
@@ -44,15 +28,35 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     cli.add_training_arguments(p, "float")
     p.add_argument("--reports", default="reports/float", help="folder for PNG reports")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.config import TrainConfig, load_model_config, load_params, load_section
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.models.maptr import build_maptr
+    from maptr.training.criterion import build_criterion
+    from maptr.training.distributed import cleanup, init_distributed
+    from maptr.training.lineage import log_dataset
+    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.training.trainer import Trainer
 
     params = load_params(args.params)
     cfg = load_section(params, "float", TrainConfig)
     model_cfg = load_model_config(params)
+    check_tracking()  # before any work: a server in trouble is an error now, not after training
     ctx = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -98,12 +102,20 @@ def main() -> None:
     cleanup(ctx)
 
 
-def write_reports(args, history, model_cfg, val_set, post, ctx, run: StageRun, best_preds: dict) -> None:
+def write_reports(args, history, model_cfg, val_set, post, ctx, run, best_preds: dict) -> None:
     """Metrics of the best epoch, the curve, PNGs; everything also to MLflow.
 
     ``best_preds`` holds the val predictions of the best epoch seen by this process; a resumed run whose
     best epoch came before the interruption re-scores the best checkpoint instead.
     """
+    from maptr import viz
+    from maptr.atomic import write_text_atomic
+    from maptr.evaluation.chamfer_ap import precision_recall_curves
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.models.maptr import build_maptr
+    from maptr.training.checkpoint import load_checkpoint
+    from maptr.training.lineage import log_val_metrics
+
     best = max(history, key=lambda h: h["mAP"])
     metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
     metrics.update(best_epoch=best["epoch"], epochs=len(history))

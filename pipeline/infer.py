@@ -19,25 +19,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-
-from maptr import cli, viz
-from maptr.config import load_model_config, load_params
-from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg
-from maptr.data.transforms import MultiViewImageTransform, fit_to_size
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
-from maptr.evaluation.inference import Predictor, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.quant.quantizer import build_model_from_checkpoint
-from maptr.training.checkpoint import load_checkpoint
+from maptr import cli
 
 NUM_CAMS = 6
 
 
-def read_frame(image_paths: list[str], calib_path: str) -> tuple[list[np.ndarray], dict]:
-    """Six RGB images and their calibration {lidar2img (6, 4, 4), lidar2ego (4, 4), cams} from files."""
+def read_frame(image_paths: list[str], calib_path: str) -> tuple[list, dict]:
+    """Six RGB images (numpy) and their calibration {lidar2img (6, 4, 4), lidar2ego (4, 4), cams} from files."""
+    import cv2
+    import numpy as np
+
     if len(image_paths) != NUM_CAMS:
         raise cli.UserError(f"--images: expected {NUM_CAMS} camera images, got {len(image_paths)}")
     images = []
@@ -59,14 +50,18 @@ def read_frame(image_paths: list[str], calib_path: str) -> tuple[list[np.ndarray
     return images, {"lidar2img": lidar2img, "lidar2ego": lidar2ego, "cams": cams}
 
 
-def network_inputs(images: list[np.ndarray], lidar2img: np.ndarray, image_size: list[int]) -> tuple:
+def network_inputs(images: list, lidar2img, image_size: list[int]) -> tuple:
     """Original views -> img (1, 6, 3, H, W) normalized, lidar2img (1, 6, 4, 4) for those pixels (no augmentation)."""
+    import torch
+
+    from maptr.data.transforms import MultiViewImageTransform, fit_to_size
+
     fitted, mats = fit_to_size(images, lidar2img, image_size[0], image_size[1])
     img = MultiViewImageTransform(augment=False)(fitted, torch.Generator())  # (6, 3, H, W)
     return img[None], torch.from_numpy(mats)[None]
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--checkpoint", default="models/float-checkpoint-best.pt", help="model checkpoint (PyTorch)")
     p.add_argument("--onnx", default=None, help="run this ONNX model on ONNX Runtime instead (e.g. the deployed one)")
@@ -78,7 +73,23 @@ def main() -> None:
     p.add_argument("--calib", default=None, help="JSON calibration of --images")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw predictions scoring at least this")
     p.add_argument("--out", default="reports/infer", help="folder for the PNGs")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import torch
+
+    from maptr import viz
+    from maptr.config import load_model_config, load_params
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
+    from maptr.evaluation.inference import Predictor, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.quant.quantizer import build_model_from_checkpoint
+    from maptr.training.checkpoint import load_checkpoint
+
     if (args.images is None) != (args.calib is None):
         raise cli.UserError("--images and --calib go together")
 

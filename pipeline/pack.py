@@ -1,7 +1,10 @@
 """Stage `pack`: a nuScenes-format root -> LMDB (images + camera geometry) and metas (map ground truth).
 
+    python pipeline/pack.py --params params.yaml --dataroot data/nuscenes --out data/packed
+
 Reads section `pack` of params.yaml. The same command packs the synthetic default and the real nuScenes
-(`pack.dataroot` and `pack.version`, e.g. `v1.0-mini`).
+(`-S pack.dataroot=/data/nuscenes`; `pack.version: auto` finds the root's one v1.0-* folder, e.g.
+`v1.0-mini`). dvc.yaml passes `--dataroot ${pack.dataroot}`, so DVC hashes the root that is packed.
 """
 
 from __future__ import annotations
@@ -10,23 +13,31 @@ import time
 from dataclasses import asdict
 
 from maptr import cli
-from maptr.config import PackConfig, load_params, load_section
-from maptr.data.packing import pack_nuscenes
 from maptr.training.lineage import log_dataset
 from maptr.training.run_group import open_stage_run, stage_main
 
 
-@stage_main
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--out", default="data/packed", help="output folder (train_lmdb, val_lmdb, metas)")
-    p.add_argument("--dataroot", default=None, help="override pack.dataroot (a nuScenes root)")
-    args = p.parse_args()
+    # Required, not read from params.yaml here: dvc.yaml passes `--dataroot ${pack.dataroot}`, the same value,
+    # and lists it as a dep, so the root that is packed is the one DVC hashes.
+    p.add_argument("--dataroot", required=True, help="the nuScenes root to pack (pack.dataroot in dvc.yaml)")
+    return p
+
+
+@stage_main
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading the packer.
+    from maptr.config import PackConfig, load_params, load_section
+    from maptr.data.packing import pack_nuscenes
+
     cfg = load_section(load_params(args.params), "pack", PackConfig)
     run = open_stage_run("pack", {"pack": asdict(cfg)}, args.params)
     start = time.perf_counter()
     info = pack_nuscenes(
-        dataroot=args.dataroot or cfg.dataroot,
+        dataroot=args.dataroot,
         version=cfg.version,
         out=args.out,
         pc_range=cfg.pc_range,

@@ -11,17 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import load_model_config, load_params
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
-from maptr.evaluation.inference import evaluate_model, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.quant.quantizer import build_model_from_checkpoint
-from maptr.training.checkpoint import load_checkpoint
 
 STAGES = {
     "float": "models/float-checkpoint-best.pt",
@@ -31,7 +21,7 @@ STAGES = {
 }
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--stage", choices=sorted(STAGES), default="float", help="which model to evaluate")
     p.add_argument("--checkpoint", default=None, help="checkpoint file (default: the stage's best; int_infer: .onnx)")
@@ -41,7 +31,22 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import load_model_config, load_params
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.quant.quantizer import build_model_from_checkpoint
+    from maptr.training.checkpoint import load_checkpoint
 
     model_cfg = load_model_config(load_params(args.params))
     path = args.checkpoint or STAGES[args.stage]

@@ -4,7 +4,7 @@ Reads sections `qat` (a training strategy, like `float`, plus samples_per_epoch)
 models/calibration-checkpoint-best.pt: the same quantized structure (int16 operators included), activation
 scales fixed, weights (and their per-channel scales) training. Runs alone or under torchrun:
 
-    torchrun --nproc_per_node=2 pipeline/qat.py --params params.yaml
+    GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node=2 pipeline/qat.py --params params.yaml
 
 Validates (val mAP) after every epoch, keeps the best checkpoint, writes metrics/qat.json and the
 per-epoch curve, all also to MLflow. `--resume` continues an interrupted run (same params, same
@@ -15,36 +15,43 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from maptr import cli
-from maptr.atomic import write_text_atomic
-from maptr.config import QATConfig, load_model_config, load_params, load_section
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.evaluation.inference import evaluate_model, torch_predictor
-from maptr.evaluation.postprocess import build_postprocess
-from maptr.quant.qat import EpochSlices, check_fixed_activation_scales, exclude_quant_buffers_from_ddp
-from maptr.quant.quantizer import build_model_from_checkpoint
-from maptr.training.checkpoint import load_checkpoint
-from maptr.training.criterion import build_criterion
-from maptr.training.distributed import cleanup, init_distributed
-from maptr.training.lineage import log_dataset, log_val_metrics
-from maptr.training.tracking import StageRun
-from maptr.training.trainer import Trainer
 
 
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     cli.add_training_arguments(p, "qat")
     p.add_argument("--calibration-checkpoint", default="models/calibration-checkpoint-best.pt", help="start")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import QATConfig, load_model_config, load_params, load_section
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.evaluation.postprocess import build_postprocess
+    from maptr.quant.qat import EpochSlices, check_fixed_activation_scales, exclude_quant_buffers_from_ddp
+    from maptr.quant.quantizer import build_model_from_checkpoint
+    from maptr.training.checkpoint import load_checkpoint
+    from maptr.training.criterion import build_criterion
+    from maptr.training.distributed import cleanup, init_distributed
+    from maptr.training.lineage import log_dataset, log_val_metrics
+    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.training.trainer import Trainer
 
     params = load_params(args.params)
     cfg = load_section(params, "qat", QATConfig)
     model_cfg = load_model_config(params)
+    check_tracking()
     ctx = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

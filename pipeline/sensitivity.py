@@ -12,48 +12,47 @@ chart of the most sensitive operators; both also go to MLflow.
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from maptr import cli
-from maptr.atomic import atomic_file, write_text_atomic
-from maptr.config import (
-    CalibrateConfig,
-    SensitivityConfig,
-    load_model_config,
-    load_params,
-    load_section,
-)
-from maptr.data.dataset import DatasetOptions, PackedMapDataset
-from maptr.models.maptr import build_maptr
-from maptr.quant.calibration import calibrate, calibration_loader
-from maptr.quant.quantizer import QuantConfig, quantize_model
-from maptr.quant.sensitivity import (
-    OperatorSensitivity,
-    excluded,
-    int16_topk_for_params,
-    rank_operators,
-    sensitivity_report,
-    top_operators,
-)
-from maptr.training.checkpoint import load_checkpoint
-from maptr.training.lineage import log_dataset
 from maptr.training.run_group import open_stage_run, stage_main
 
 CHART_ROWS = 40  # operators shown in the bar chart
 
 
-@stage_main
-def main() -> None:
+def build_parser():
     p = cli.parser(__doc__)
     p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
     p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float model")
     p.add_argument("--out", default="reports/sensitivity.json", help="ranked table")
     p.add_argument("--plot", default="reports/sensitivity.png", help="bar chart")
-    args = p.parse_args()
+    return p
+
+
+@stage_main
+def main() -> None:
+    args = build_parser().parse_args()
+    # Imported after parsing: `--help` answers without loading torch.
+    import time
+    from dataclasses import asdict
+
+    import torch
+
+    from maptr.atomic import write_text_atomic
+    from maptr.config import CalibrateConfig, SensitivityConfig, load_model_config, load_params, load_section
+    from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.models.maptr import build_maptr
+    from maptr.quant.calibration import calibrate, calibration_loader
+    from maptr.quant.quantizer import QuantConfig, quantize_model
+    from maptr.quant.sensitivity import (
+        excluded,
+        int16_topk_for_params,
+        rank_operators,
+        sensitivity_report,
+        top_operators,
+    )
+    from maptr.training.checkpoint import load_checkpoint
+    from maptr.training.lineage import log_dataset
 
     params = load_params(args.params)
     cfg = load_section(params, "sensitivity", SensitivityConfig)
@@ -80,8 +79,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     k = int16_topk_for_params(params, len(rows), cal_cfg.int16_topk, cal_cfg.int16_topk_preset)
+    # No run time in the report: calibrate reads it, and a new time would make DVC rerun everything after.
     report = sensitivity_report(
-        rows, preset=model_cfg.preset, num_operators=len(rows), int16_topk=k, seconds=round(seconds, 1),
+        rows, preset=model_cfg.preset, num_operators=len(rows), int16_topk=k,
         float_checkpoint=args.float_checkpoint, quant=quant_cfg.to_dict(), sensitivity=asdict(cfg),
         int16_exclude=cal_cfg.int16_exclude,
     )  # fmt: skip
@@ -104,9 +104,13 @@ def main() -> None:
     run.log_artifact(args.plot)
 
 
-def bar_chart(rows: list[OperatorSensitivity], int16_ops: set[str], exclude: list[str], path: Path, title: str) -> None:
-    """Horizontal bars (log scale) of the most sensitive operators; the int16 ones red, the excluded grey."""
+def bar_chart(rows: list, int16_ops: set[str], exclude: list[str], path: Path, title: str) -> None:
+    """Horizontal bars (log scale) of the most sensitive operators (``rows``: OperatorSensitivity, ranked);
+    the int16 ones red, the excluded grey."""
     import matplotlib
+
+    from maptr.atomic import atomic_file
+    from maptr.quant.sensitivity import excluded
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt

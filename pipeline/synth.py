@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
-from maptr.config import SynthConfig, load_params, load_section
-from maptr.data.synthetic import generate_world
+from maptr import cli
 from maptr.training.run_group import open_stage_run, stage_main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file (section `synth`)")
     parser.add_argument("--out", default="data/nuscenes", help="dataroot to create (replaced if it exists)")
@@ -33,19 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="processes rendering scenes (default: all cores); the output does not depend on it",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    return parser
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    # Imported after parsing: `--help` answers without loading the renderer.
+    from maptr.atomic import write_text_atomic
+    from maptr.config import SynthConfig, load_params, load_section
+    from maptr.data.synthetic import generate_world
+
     cfg = load_section(load_params(args.params), "synth", SynthConfig)
     run = open_stage_run("synth", {"synth": vars(cfg)}, args.params)
     start = time.perf_counter()
@@ -63,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     report = {"config": vars(cfg), **stats}
-    write_json_atomic(Path(args.stats), report)
+    write_text_atomic(args.stats, json.dumps(report, indent=2) + "\n")
     elapsed = time.perf_counter() - start
     splits = stats["splits"]
     run.log_metrics({f"{split}_samples": splits[split]["samples"] for split in splits} | {"seconds": elapsed})
@@ -76,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)  # a bad param or an unwritable output: one `error:` line and exit code 2

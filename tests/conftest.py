@@ -48,7 +48,9 @@ def write_micro_params(tmp_path: Path, **sections) -> Path:
     (``float={"epochs": 1}``)."""
     import yaml
 
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    from maptr.config import parse_yaml  # YAML 1.2, as DVC writes params (PyYAML reads 1e-06 as a string)
+
+    data = parse_yaml((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     data["model"]["presets"]["micro"] = dict(MICRO_PRESET)
     data["model"]["preset"] = "micro"
     for name, values in sections.items():
@@ -95,3 +97,42 @@ def micro_cfg(tmp_path_factory):
     from maptr.config import load_model_config, load_params
 
     return load_model_config(load_params(write_micro_params(tmp_path_factory.mktemp("params"))))
+
+
+def run_entrypoint_here(script: str, *args: str) -> int:
+    """``python pipeline/<script> <args>`` in this process (no interpreter start-up): the script runs as
+    ``__main__``, through its own entry code; returns its exit code. Its stderr goes to pytest's capture."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(REPO / "pipeline" / script), run_name="__main__")
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = argv
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An MLflow sqlite store whose tables exist: creating them takes seconds, a copy a fraction of one."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # creates the tables
+    return db
+
+
+@pytest.fixture
+def mlflow_store(mlflow_template, tmp_path, monkeypatch) -> str:
+    """A private MLflow store for this test (MLFLOW_TRACKING_URI and the experiment name set); its URI."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
+    return uri

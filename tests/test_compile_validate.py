@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -11,13 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import write_micro_params
+from conftest import run_entrypoint_here, write_micro_params
 
 from maptr.config import load_model_config, load_params
 from maptr.deploy.compile_report import COMPILE_KEYS, op_table
 from maptr.deploy.onnx_export import example_inputs, export_onnx
 from maptr.deploy.ort_compile import optimize_and_save, outputs_match
-from maptr.deploy.ort_runner import SAVED, OrtPredictor, create_session, output_agreement, scores_to_logits
+from maptr.deploy.ort_runner import SAVED, OrtPredictor, create_session, scores_to_logits
+from maptr.evaluation.agreement import output_agreement
 from maptr.models.maptr import build_maptr
 from maptr.quant.calibration import calibrate
 from maptr.quant.quantizer import QuantConfig, quantize_model
@@ -71,24 +75,46 @@ def test_saved_deployed_model_is_optimized_and_reproduces_the_outputs(micro, tmp
     left = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants]
     assert all(readers[n.output[0]].op_type == "Gemm" and list(readers[n.output[0]].input).index(n.output[0]) >= 1
                for n in left)  # fmt: skip
-    assert compiled.integer_biases > 0  # uint8 linears read by float operators are given an int32 bias
-    assert compiled.space_to_depth_convs == 1  # the stem, on the 3 colour channels
-    assert compiled.conv_outputs_channels_last == 1  # the neck's output, flattened to the encoder's tokens
+    counts = compiled.counts
+    assert counts["quantize_float_output_biases"] > 0  # uint8 linears read by float operators get an int32 bias
+    assert counts["space_to_depth_stem"] == 1  # the stem, on the 3 colour channels
+    assert counts["flatten_conv_outputs_channels_last"] == 1  # the neck's output, flattened to the encoder's tokens
     # ORT's slow fused skip layer norms are split back; linears are no longer wrapped in reshape chains
-    assert compiled.skip_layer_norms_split > 0 and "SkipLayerNormalization" not in op_types
-    assert compiled.reshapes_collapsed > 0
-    assert compiled.broadcasts_expanded > 0  # deformable attention's reference points + offsets
+    assert counts["split_skip_layer_norms"] > 0 and "SkipLayerNormalization" not in op_types
+    assert counts["collapse_reshape_chains"] > 0
+    assert counts["expand_short_run_broadcasts"] > 0  # deformable attention's reference points + offsets
     img, lidar2img = micro["inputs"]
     feeds = {"img": img.numpy(), "lidar2img": lidar2img.numpy()}
     # ORT's QGemm nodes moved to the kernels that add the bias after the GEMM: exact for the uint8 outputs,
     # float rounding for the float ones
     kernels = {(node.op_type, node.domain) for node in graph.node}
     assert ("QGemm", "com.microsoft") not in kernels and ("QLinearConv", "com.microsoft") in kernels
-    assert compiled.qgemm_rewrites.to_channels_last_conv > 0 and compiled.qgemm_rewrites.to_matmul_integer_to_float > 0
+    assert counts["move_qgemm_to_faster_kernels"] > 0
+    assert ("MatMulIntegerToFloat", "com.microsoft") in kernels  # the float-output ones
     check = outputs_match(micro["dir"] / "qdq.onnx", deployed, feeds)
     assert max(check.reproduces.values()) == 0.0  # the saved file is the compiled graph, at ORT's defaults too
     assert max(check.qgemm_rewrite_effect.values()) < 0.05  # bias after the scale: float rounding + code flips
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+# The micro fixture's export and what the compile stage made of it before its rewrites became two lists of
+# passes (commit 2c2c0ff; onnxruntime 1.32.0, onnx 1.23.2, torch 2.14.1): the same export must still compile
+# to the same bytes. The export is compared without its nodes' metadata (the exporter records the source
+# files' paths there; ORT drops it); another export (other library versions) has no recorded compilation.
+RECORDED_QDQ_MD5 = "6e25553946dabd37b02d2f8622e41bbf"
+RECORDED_DEPLOYED_MD5 = "d04264773eda9e16e75747ff68603412"
+
+
+def test_compiled_micro_model_is_byte_identical_to_the_recorded_compilation(micro, tmp_path):
+    import onnxruntime
+
+    qdq = onnx.load(str(micro["dir"] / "qdq.onnx"))
+    for node in qdq.graph.node:
+        del node.metadata_props[:]
+    if hashlib.md5(qdq.SerializeToString()).hexdigest() != RECORDED_QDQ_MD5 or onnxruntime.__version__ != "1.32.0":
+        pytest.skip("not the recorded export / ONNX Runtime: no recorded compilation to compare with")
+    deployed = optimize_and_save(micro["dir"] / "qdq.onnx", tmp_path / "deploy.onnx", "extended").path
+    assert hashlib.md5(deployed.read_bytes()).hexdigest() == RECORDED_DEPLOYED_MD5
 
 
 def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch):
@@ -111,7 +137,11 @@ def test_compile_stage_writes_the_documented_report(micro, tmp_path, monkeypatch
     text = table.read_text()
     assert "latency p50" in text and "QLinearConv" in text and "Speed-up" in text
     create_session(tmp_path / "deploy.onnx", threads=1, level=SAVED)  # loads without re-optimizing
-    assert doc["deployed_load_level"] == "all" and doc["constant_folding"]["folded_nodes"] > 0
+    assert doc["deployed_load_level"] == "all" and doc["passes"]["fold_constants"]["count"] > 0
+    # one entry per pass, in the order they ran, each with the ORT version it was measured on
+    assert [entry["step"] for entry in doc["passes"].values()] == list(range(1, 12))
+    assert all(entry["measured_on_ort"] and entry["counts"] for entry in doc["passes"].values())
+    assert "| 1 | `fold_constants` | before ORT |" in text
     sweep = doc["by_threads"]
     assert sorted(sweep) == ["1", "2"] and sweep["1"]["deployed_ms_p50"] == doc["deployed"]["latency_ms_p50"]
     assert sweep["2"]["deployed_over_float"] == pytest.approx(
@@ -155,6 +185,70 @@ def test_output_agreement_on_a_hand_made_case():
     assert got["samples"] == 2 and got["top_k"] == 2
     with pytest.raises(ValueError, match="top_k"):
         output_agreement(scores, pts, ref_scores, ref_pts, PC_RANGE, top_k=5)
+
+
+def test_compile_checks_the_deployed_model_under_a_temporary_name_before_it_appears(micro, tmp_path, monkeypatch):
+    import maptr.deploy.ort_compile as ort_compile
+
+    d, out, seen = micro["dir"], tmp_path / "deploy.onnx", []
+
+    def checked(reference, deployed, *args, **kwargs):
+        seen.append((Path(deployed).name, out.exists()))  # a kill now must not leave a deployable-looking file
+        raise RuntimeError("stop after the check: the rest of compile is not under test")
+
+    monkeypatch.setattr(ort_compile, "outputs_match", checked)
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        _run_stage("compile.py", monkeypatch, tmp_path, "--params", str(micro["params"]), "--qdq", str(d / "qdq.onnx"),
+                   "--float", str(d / "float.onnx"), "--out", str(out))  # fmt: skip
+    assert seen == [(f"deploy.onnx.tmp-{os.getpid()}", False)] and not list(tmp_path.glob("deploy.onnx*"))
+
+
+def _garbage(path: Path, source: Path) -> Path:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return path
+
+
+def _truncated(path: Path, source: Path) -> Path:
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated])
+@pytest.mark.parametrize("script", ["compile.py", "validate.py", "infer.py"])
+def test_unreadable_onnx_is_one_line_error(micro, packed_world, tmp_path, monkeypatch, capsys, script, damage):
+    d = micro["dir"]
+    bad = damage(tmp_path / "model.onnx", d / "qdq.onnx")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = ["--params", str(micro["params"])]
+    args = {
+        "compile.py": ["--qdq", str(bad), "--float", str(d / "float.onnx"), "--out", str(tmp_path / "deploy.onnx"),
+                       "--report", str(tmp_path / "compile.json"), "--table", str(tmp_path / "compile.md")],
+        "validate.py": ["--deployed", str(bad), "--qat-checkpoint", str(d / "qat.pt"), "--packed", str(packed_world),
+                        "--metrics", str(tmp_path / "deployed.json")],
+        "infer.py": ["--onnx", str(bad), "--packed", str(packed_world), "--out", str(tmp_path / "infer")],
+    }[script]  # fmt: skip
+    assert run_entrypoint_here(script, *common, *args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: not a readable ONNX model (truncated or corrupt" in err and "re-run the export" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlflow.db") == ["model.onnx"]
+
+
+def test_disk_full_during_compile_is_one_line_and_keeps_the_deployed_model(micro, tmp_path, monkeypatch, capsys):
+    d, out = micro["dir"], tmp_path / "deploy.onnx"
+    out.write_bytes(b"the deployed model of the last good compile")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", disk_full)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    code = run_entrypoint_here("compile.py", "--params", str(micro["params"]), "--qdq", str(d / "qdq.onnx"), "--float",
+                               str(d / "float.onnx"), "--out", str(out), "--report", str(tmp_path / "compile.json"),
+                               "--table", str(tmp_path / "compile.md"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {out}: cannot write (No space left on device); free disk space" in err
+    assert out.read_bytes() == b"the deployed model of the last good compile" and not list(tmp_path.glob("*.tmp-*"))
 
 
 def test_scores_to_logits_inverts_the_sigmoid_including_saturation():

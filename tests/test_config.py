@@ -98,3 +98,39 @@ def test_one2many_queries_and_k_go_together(tmp_path):
     path = write_params(tmp_path, lambda d: d["model"]["presets"]["nano"].update(k_one2many=3))
     with pytest.raises(ParamsError, match=r"model.presets.nano: num_vec_one2many \(0\) and k_one2many \(3\)"):
         load_model_config(load_params(path))
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("float", "epochs", -1, "float.epochs: must be >= 1, got -1"),
+    ("float", "lr", 0.0, "float.lr: must be > 0, got 0.0"),
+    ("float", "min_lr_ratio", 1.5, "float.min_lr_ratio: must be in [0, 1], got 1.5"),
+    ("qat", "batch_size", 0, "qat.batch_size: must be >= 1, got 0"),
+    ("synth", "jpeg_quality", 101, "synth.jpeg_quality: must be in [1, 100], got 101"),
+    ("calibrate", "observer", "max", "calibrate.observer: must be one of mse, percentile, minmax, got 'max'"),
+    ("compile", "thread_sweep", [1, 0], "compile.thread_sweep: each item must be >= 1, got [1, 0]"),
+    ("export", "opset", 17, "export.opset: must be >= 21, got 17"),
+])  # fmt: skip
+def test_out_of_range_value_names_file_key_range_and_value(tmp_path, section, key, value, message):
+    from maptr.config import CalibrateConfig, CompileConfig, ExportConfig, QATConfig, TrainConfig
+
+    classes = {"float": TrainConfig, "qat": QATConfig, "synth": SynthConfig, "calibrate": CalibrateConfig,
+               "compile": CompileConfig, "export": ExportConfig}  # fmt: skip
+    path = write_params(tmp_path, lambda d: d[section].update({key: value}))
+    with pytest.raises(ParamsError) as info:
+        load_section(load_params(path), section, classes[section])
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_out_of_range_model_and_criterion_values_are_errors(tmp_path):
+    path = write_params(tmp_path, lambda d: d["model"]["presets"]["tiny"].update(num_heads=0))
+    with pytest.raises(ParamsError, match=r"model.presets.tiny.num_heads: must be >= 1, got 0"):
+        load_model_config(load_params(path))
+    path = write_params(tmp_path, lambda d: d["model"]["criterion"].update(focal_alpha=2.0))
+    with pytest.raises(ParamsError, match=r"model.criterion.focal_alpha: must be in \[0, 1\], got 2.0"):
+        load_model_config(load_params(path))
+
+
+def test_missing_section_names_it(tmp_path):
+    path = write_params(tmp_path, lambda d: d.pop("pack"))
+    with pytest.raises(ParamsError, match=r"params.yaml: pack: section missing \(add a `pack:` section"):
+        load_section(load_params(path), "pack", PackConfig)

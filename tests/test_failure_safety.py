@@ -45,7 +45,7 @@ def _curve_without_times(out: Path) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in json.loads((out / "curve.json").read_text())]
 
 
-def test_sigkill_during_float_train_then_resume_matches_uninterrupted(packed_world, tmp_path):
+def test_sigkill_during_float_train_leaves_no_best_checkpoint_and_resume_matches_uninterrupted(packed_world, tmp_path):
     # 8 micro training samples, batch 2: 4 steps per epoch, a resume checkpoint after every step.
     params = write_micro_params(tmp_path, float={"epochs": 2, "warmup_steps": 1, "ckpt_every_steps": 1, "threads": 1})
     ref, killed = tmp_path / "uninterrupted", tmp_path / "killed"
@@ -64,6 +64,7 @@ def test_sigkill_during_float_train_then_resume_matches_uninterrupted(packed_wor
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "float-train finished before it could be killed"
     assert not (killed / "float.json").exists(), "a killed float-train left metrics that look finished"
+    assert not (killed / "best.pt").exists(), "a killed float-train left an epoch-1 best checkpoint that loads fine"
 
     res = subprocess.run(cmd, cwd=killed, env=float_train_env(killed), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -175,3 +176,46 @@ def test_missing_table_from_the_command_line(tiny_world, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "calibrated_sensor.json: table missing" in res.stderr
     assert not (tmp_path / "packed").exists()
+
+
+def test_single_node_torchrun_commands_use_a_loopback_rendezvous():
+    """The commands a user copies: one machine never needs to listen on the network; the README says when
+    a multi-node run must."""
+    docs = {name: (REPO / name).read_text() for name in ("README.md", "pipeline/float_train.py", "pipeline/qat.py")}
+    commands = [(name, line) for name, text in docs.items() for line in text.splitlines() if "torchrun --" in line]
+    assert len(commands) >= 4
+    for name, line in commands:
+        if "--nnodes" in line:
+            assert "--rdzv-endpoint=" in line, f"{name}: {line}"
+        else:
+            assert "--standalone" in line or "--rdzv-endpoint=127.0.0.1:" in line, f"{name}: {line}"
+    readme = " ".join(docs["README.md"].split())
+    assert "Only a multi-node run must listen on the network" in readme and "GLOO_SOCKET_IFNAME=lo" in readme
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("which", ["float", "resume"])
+def test_pickle_payload_checkpoint_is_refused_and_never_run(packed_world, tmp_path, capsys, mlflow_store, which):
+    from conftest import run_entrypoint_here
+
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "stage": "float", "extra": _Payload(marker)}, evil)
+    params = write_micro_params(tmp_path, float={"epochs": 1, "num_workers": 0})
+    if which == "float":
+        args = ["predict.py", "--params", str(params), "--packed", str(packed_world), "--checkpoint", str(evil)]
+    else:
+        args = ["float_train.py", "--params", str(params), "--packed", str(packed_world), "--best",
+                str(tmp_path / "best.pt"), "--last", str(evil), "--resume"]  # fmt: skip
+    assert run_entrypoint_here(*args) == 2
+    assert f"error: {evil}: not a readable checkpoint" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "best.pt").exists()

@@ -83,7 +83,7 @@ def test_pack_cli_help_and_missing_root_error(tmp_path):
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert f"{tmp_path / 'none'}/v1.0-trainval: nuScenes table folder not found" in res.stderr
+    assert f"{tmp_path / 'none'}: nuScenes root not found (pack.dataroot in params.yaml)" in res.stderr
     assert not (tmp_path / "o").exists()
 
 

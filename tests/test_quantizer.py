@@ -3,11 +3,13 @@ sensitivity ranking, checkpoints of quantized models, and the sensitivity analys
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from maptr.config import CalibrateConfig, ModelConfig, load_section
+from maptr.config import CalibrateConfig, ModelConfig, load_params, load_section
 from maptr.data.transforms import PIXEL_OFFSET, PIXEL_SCALE
 from maptr.deploy.onnx_export import example_inputs
 from maptr.models.maptr import MapTR, build_maptr
@@ -129,7 +131,8 @@ def test_int16_exclude_skips_the_image_side_and_keeps_k():
         "head.cls_branches.1.0",
     ]
     assert excluded("backbone", ["backbone"]) and not excluded("backbone_like.head", ["backbone"])
-    assert load_section({"calibrate": {}}, "calibrate", CalibrateConfig).int16_exclude == [
+    repo_params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")  # no default in the code
+    assert load_section(repo_params, "calibrate", CalibrateConfig).int16_exclude == [
         "backbone",
         "neck",
         "encoder.camera_embedding_add",

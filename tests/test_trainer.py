@@ -15,7 +15,7 @@ from maptr.data.dataset import DatasetOptions, PackedMapDataset
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.models.maptr import build_maptr
-from maptr.training.checkpoint import CheckpointError, load_checkpoint
+from maptr.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from maptr.training.criterion import build_criterion
 from maptr.training.distributed import DistContext
 from maptr.training.schedule import lr_factor
@@ -100,6 +100,100 @@ def test_nan_loss_stops_before_the_optimizer_step(packed_world, tmp_path):
         trainer.fit()
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.named_parameters())  # no optimizer step
     assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+
+
+def _fake_val(maps: list[float]):
+    """A validate function scoring epoch i (1-based, counted by its calls) with maps[i - 1]."""
+    calls = []
+
+    def validate(model):
+        calls.append(1)
+        return {"mAP": maps[len(calls) - 1]}
+
+    return validate
+
+
+def test_resumed_run_writes_the_best_checkpoint_that_dvc_deleted(packed_world, tmp_path, one_thread):
+    # Epoch 1 is the best; the run is killed inside epoch 2; `dvc repro` deletes the stage's outputs (the
+    # best file) before rerunning; the resumed epoch 2 does not beat epoch 1, and still the best file appears.
+    killed = make_trainer(packed_world, tmp_path)
+    killed.validate = _fake_val([0.5, 0.3])
+    real_step, calls = killed._step, []
+
+    def dying_step(batch):
+        if len(calls) == 5:  # 4 steps per epoch: inside epoch 2
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(1)
+        return real_step(batch)
+
+    killed._step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    (tmp_path / "best.pt").unlink(missing_ok=True)  # what `dvc repro` does to a stage's outputs before it runs
+    resumed = make_trainer(packed_world, tmp_path)
+    resumed.validate = _fake_val([0.3])
+    assert "resumed" in resumed.resume()
+    resumed.fit()
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["metrics"] == {"mAP": 0.5} and best["train_state"]["epoch"] == 0
+    assert [h["mAP"] for h in resumed.state.history] == [0.5, 0.3]
+
+
+def test_divergence_message_calls_only_a_finite_checkpoint_good(packed_world, tmp_path):
+    trainer = make_trainer(packed_world, tmp_path)
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    state["backbone.layer1.0.bn1.running_var"][0] = float("inf")  # as written by an earlier version
+    save_checkpoint(tmp_path / "last.pt", {"model": state, "stage": "float", "train_state": {"global_step": 3}})
+    trainer.criterion.total_loss = lambda losses: torch.tensor(float("nan"))
+    with pytest.raises(TrainingDiverged) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "last good checkpoint" not in message
+    assert "last.pt holds NaN / inf too (backbone.layer1.0.bn1.running_var)" in message
+
+
+def test_a_model_whose_buffers_overflow_is_never_saved(packed_world, tmp_path):
+    trainer = make_trainer(packed_world, tmp_path)  # a resume checkpoint after every step
+    bn = trainer.model.get_submodule("backbone.layer1.0.bn2")
+
+    def overflow(module, args, out) -> None:
+        module.running_var.data.fill_(float("inf"))  # after the forward: this step's loss stays finite
+
+    bn.register_forward_hook(overflow)
+    with pytest.raises(TrainingDiverged, match=r"backbone.layer1.0.bn2.running_var hold NaN / inf .*loss was still"):
+        trainer.fit()
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_tracking_server_lost_mid_training_does_not_stop_it(
+    packed_world, tmp_path, monkeypatch, capsys, one_thread, mlflow_store
+):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(StageRun, "RETRY_PAUSE_S", 0.0, raising=False)
+    monkeypatch.setattr(
+        StageRun, "QUIET_S", 1e9, raising=False
+    )  # once failed, calls are only queued (and tried at the end)
+    trainer = make_trainer(packed_world, tmp_path)  # logs after every step
+    trainer.validate = _fake_val([0.5, 0.6])
+    real, calls = mlflow.log_metrics, []
+
+    def going_away(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool: Connection refused")  # fmt: skip
+        return real(*args, **kwargs)
+
+    with StageRun("float-train", {}) as run:
+        monkeypatch.setattr(mlflow, "log_metrics", going_away)
+        trainer.tracker = run
+        state = trainer.fit()
+    assert [h["mAP"] for h in state.history] == [0.5, 0.6] and (tmp_path / "best.pt").is_file()
+    err = capsys.readouterr().err
+    assert err.count("failed (API request to http://mlflow:5000") == 1  # warned once, not at every step
+    assert "the stage goes on" in err and "not logged: 8 x metrics (step 3, ..., step 8)" in err
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

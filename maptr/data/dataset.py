@@ -13,17 +13,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
-import lmdb
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from maptr.data.records import CorruptRecordError, SampleRecord
+from maptr.data.records import MAGIC, CorruptRecordError, SampleRecord
 from maptr.data.seg_targets import bev_mask, pv_masks
 from maptr.data.transforms import MultiViewImageTransform, fit_to_size
 from maptr.data.vectors import equivalent_orders, is_closed, resample_polyline
+
+if TYPE_CHECKING:  # lmdb is imported where an LMDB is opened: the GPU check's machines have no lmdb
+    import lmdb
 
 
 @dataclass
@@ -57,17 +60,46 @@ class DatasetOptions:
 _ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
-def _open_readonly(path: Path) -> lmdb.Environment:
+def _open_readonly(path: Path, keys: list[int]) -> lmdb.Environment:
     """One read-only environment per LMDB and process: LMDB refuses to open the same file twice in a
-    process, and an environment must not cross a fork (each DataLoader worker opens its own)."""
+    process, and an environment must not cross a fork (each DataLoader worker opens its own). Each fresh
+    environment is checked to hold the records ``keys`` (:func:`check_lmdb`)."""
+    import lmdb
+
     key = str(path.resolve())
     pid, env = _ENVS.get(key, (None, None))
     if pid != os.getpid():
         if env is not None:
             env.close()  # inherited through fork: release this process's copy (lock=False: no lock state)
-        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=True)
+        except lmdb.Error as exc:
+            raise CorruptRecordError(f"{path}: not a readable LMDB ({exc}); re-run pack") from None
+        try:
+            check_lmdb(env, path, keys)
+        except CorruptRecordError:
+            env.close()
+            raise
         _ENVS[key] = (os.getpid(), env)
     return env
+
+
+def check_lmdb(env: lmdb.Environment, path: Path, keys: list[int]) -> None:
+    """Refuse a truncated or foreign LMDB before any read: the file is memory-mapped, and reading a page
+    past its end kills the process with SIGBUS and no message. The page count comes from LMDB's meta
+    pages (read with plain reads at open); then the record with the highest of ``keys`` is read."""
+    data = path / "data.mdb"
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data.stat().st_size
+    if size < needed:
+        raise CorruptRecordError(f"{data}: {size} bytes, but its index needs {needed} (truncated); re-run pack")
+    entries = env.stat()["entries"]
+    if entries < len(keys):
+        raise CorruptRecordError(f"{path}: holds {entries} records, its metas list {len(keys)}; re-run pack")
+    with env.begin() as txn:
+        last = txn.get(str(max(keys)).encode())
+    if last is None or not last.startswith(MAGIC):
+        raise CorruptRecordError(f"{path}: record {max(keys)} missing or not a maptr record; re-run pack")
 
 
 _REDUCED_FLAGS = {
@@ -151,16 +183,29 @@ class PackedMapDataset(Dataset):
             metas = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise CorruptRecordError(f"{meta_path}: malformed metas ({exc}); re-run the pack stage") from None
-        self.info = metas["info"]
-        self.samples = metas["samples"]
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._setup(metas["info"], metas["samples"], opts, str(meta_path))
+        self._lmdb()  # checked now: a truncated LMDB must fail before any work, with its path
+
+    def _setup(self, info: dict[str, Any], samples: list[dict[str, Any]], opts: DatasetOptions, where: str) -> None:
+        """State shared with datasets over other record stores (``maptr.data.portable``): the metas, the
+        transform, the epoch and the item cache. ``where`` names the metas' file in errors."""
+        self.info = info
+        self.samples = samples
+        self.opts = opts
+        if not self.samples:  # written by an older pack, which did not refuse an empty split
+            split = getattr(self, "split", "this")
+            raise CorruptRecordError(
+                f"{where}: the {split} split is empty (0 samples); re-run pack on data with {split} scenes "
+                f"(synthetic world: synth.{split}_scenes >= 1, then re-run synth and pack)"
+            )
         if list(self.info["pc_range"]) != list(opts.pc_range):
             raise ValueError(
-                f"{meta_path}: packed with pc_range {self.info['pc_range']} but the model uses "
+                f"{where}: packed with pc_range {self.info['pc_range']} but the model uses "
                 f"{list(opts.pc_range)}; re-run pack with the same pack.pc_range"
             )
         self.transform = MultiViewImageTransform(augment=opts.augment, yuv=opts.yuv)
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
         self.epoch = 0
         self._cached: dict[int, dict] = {}  # index -> _prepare(index), up to opts.cache_mb
         self._cached_bytes = 0
@@ -177,18 +222,25 @@ class PackedMapDataset(Dataset):
         """Change the augmentation stream per epoch (the sampler's seed changes the order)."""
         self.epoch = epoch
 
-    def _txn_get(self, key: int) -> bytes:
+    def _lmdb(self) -> lmdb.Environment:
         if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = _open_readonly(self.lmdb_path), os.getpid()
-        with self._env.begin() as txn:
+            self._env, self._pid = _open_readonly(self.lmdb_path, [s["key"] for s in self.samples]), os.getpid()
+        return self._env
+
+    def _txn_get(self, key: int) -> bytes:
+        with self._lmdb().begin() as txn:
             blob = txn.get(str(key).encode())
         if blob is None:
             raise CorruptRecordError(f"{self.lmdb_path}: record {key} missing; re-run the pack stage")
         return blob
 
+    def record_name(self, index: int) -> str:
+        """Names sample ``index``'s record in errors (the store and the key)."""
+        return f"{self.lmdb_path} record {self.samples[index]['key']}"
+
     def read_record(self, index: int) -> SampleRecord:
         key = self.samples[index]["key"]
-        return SampleRecord.decode(self._txn_get(key), f"{self.lmdb_path} record {key}")
+        return SampleRecord.decode(self._txn_get(key), self.record_name(index))
 
     def ground_truth(self, index: int) -> dict:
         """Ground truth at full resolution for the metric: vectors list of (K_i, 2) meters, labels (N,)."""
@@ -214,7 +266,7 @@ class PackedMapDataset(Dataset):
         targets. Only the random augmentation and the tensor conversion come after it."""
         opts = self.opts
         record = self.read_record(index)
-        where = f"{self.lmdb_path} record {self.samples[index]['key']}"
+        where = self.record_name(index)
         width, height = opts.image_size
         images, lidar2img = decode_views(record.jpegs, record.image_sizes, record.lidar2img, width, where)
         images, lidar2img = fit_to_size(images, lidar2img, width, height)

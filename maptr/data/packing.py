@@ -12,15 +12,21 @@ by the same code.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import lmdb
 import numpy as np
-from pyquaternion import Quaternion
 from tqdm import tqdm
 
 from maptr.atomic import atomic_dir
+from maptr.data import rigid
 from maptr.data.map_vectors import CLASS_NAMES, MapGroundTruth
 from maptr.data.records import SampleRecord
 
@@ -40,12 +46,19 @@ class PackError(RuntimeError):
     """A nuScenes root that cannot be packed: names the file and the problem."""
 
 
-def transform_matrix(translation, rotation_wxyz) -> np.ndarray:
-    """(4, 4) rigid transform from a nuScenes translation and (w, x, y, z) quaternion."""
-    mat = np.eye(4)
-    mat[:3, :3] = Quaternion(rotation_wxyz).rotation_matrix
-    mat[:3, 3] = translation
-    return mat
+def resolve_version(dataroot: str | Path, version: str) -> str:
+    """``version`` itself, or for ``auto`` the one ``v1.0-*`` table folder under ``dataroot``: a real nuScenes
+    root then needs only ``-S pack.dataroot=...``, whether it holds v1.0-mini or v1.0-trainval."""
+    if version != "auto":
+        return version
+    root = Path(dataroot)
+    if not root.is_dir():
+        raise PackError(f"{root}: nuScenes root not found (pack.dataroot in params.yaml)")
+    found = sorted(p.name for p in root.glob("v1.0-*") if p.is_dir())
+    if len(found) != 1:
+        held = f"holds {', '.join(found)}" if found else "holds no v1.0-* table folder"
+        raise PackError(f"{root} {held}: set pack.version to the one to pack ({', '.join(sorted(SPLITS))})")
+    return found[0]
 
 
 def open_nuscenes(dataroot: str | Path, version: str):
@@ -75,22 +88,26 @@ def open_nuscenes(dataroot: str | Path, version: str):
 
 
 def sample_geometry(nusc, sample: dict) -> dict:
-    """Camera and LiDAR geometry of one key frame (all (4, 4) or (3, 3) float64 arrays)."""
+    """Camera and LiDAR geometry of one key frame (all (4, 4) or (3, 3) float64 arrays).
+
+    Computed with :mod:`maptr.data.rigid`, not numpy's BLAS-backed products: the records hold these floats
+    in full, so they must come out bit-identical on every CPU for DVC to see the same ``data/packed``.
+    """
     lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
     lidar_cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
     lidar_pose = nusc.get("ego_pose", lidar_sd["ego_pose_token"])
-    lidar2ego = transform_matrix(lidar_cs["translation"], lidar_cs["rotation"])
-    ego2global = transform_matrix(lidar_pose["translation"], lidar_pose["rotation"])
-    lidar2global = ego2global @ lidar2ego
+    lidar2ego = rigid.transform_matrix(lidar_cs["translation"], lidar_cs["rotation"])
+    ego2global = rigid.transform_matrix(lidar_pose["translation"], lidar_pose["rotation"])
+    lidar2global = rigid.chain(ego2global, lidar2ego)
     out: dict = {"lidar2ego": lidar2ego, "ego2global": ego2global, "lidar2global": lidar2global}
     cams = {k: [] for k in ("paths", "sizes", "intrinsics", "cam2ego", "cam_ego2global", "lidar2img")}
     for cam in CAMERAS:
         sd = nusc.get("sample_data", sample["data"][cam])
         cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
         pose = nusc.get("ego_pose", sd["ego_pose_token"])
-        cam2ego = transform_matrix(cs["translation"], cs["rotation"])
-        cam_ego2global = transform_matrix(pose["translation"], pose["rotation"])
-        lidar2cam = np.linalg.inv(cam_ego2global @ cam2ego) @ lidar2global
+        cam2ego = rigid.transform_matrix(cs["translation"], cs["rotation"])
+        cam_ego2global = rigid.transform_matrix(pose["translation"], pose["rotation"])
+        lidar2cam = rigid.chain(rigid.inverse(rigid.chain(cam_ego2global, cam2ego)), lidar2global)
         k4 = np.eye(4)
         k4[:3, :3] = np.asarray(cs["camera_intrinsic"])
         cams["paths"].append(Path(nusc.dataroot) / sd["filename"])
@@ -98,16 +115,72 @@ def sample_geometry(nusc, sample: dict) -> dict:
         cams["intrinsics"].append(np.asarray(cs["camera_intrinsic"]))
         cams["cam2ego"].append(cam2ego)
         cams["cam_ego2global"].append(cam_ego2global)
-        cams["lidar2img"].append(k4 @ lidar2cam)
+        cams["lidar2img"].append(rigid.matmul(k4, lidar2cam))
     out.update({k: (v if k == "paths" else np.asarray(v)) for k, v in cams.items()})
     return out
 
 
 def _read_bytes(path: Path) -> bytes:
+    """A camera image's bytes, checked to be a complete JPEG (a broken one must fail here, naming its file,
+    not epochs later inside training where only the packed record can be named)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PackError(f"{path}: image listed in sample_data.json is missing") from None
+    problem = jpeg_problem(data)
+    if problem:
+        raise PackError(f"{path}: corrupt camera image ({problem}); restore the file from the dataset "
+                        "(re-run synth for the synthetic world), then re-run pack")  # fmt: skip
+    return data
+
+
+@contextlib.contextmanager
+def _stderr_text() -> Iterator[list[str]]:
+    """Collect what C libraries write to file descriptor 2 inside the block (libjpeg prints its warnings
+    there and decodes on); the list holds the text after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    text: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text.append(sink.read().decode(errors="replace").strip())
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a complete, clean JPEG, or None.
+
+    Checks the start and end markers, then decodes at 1/8 scale (the whole entropy-coded stream is still
+    read) treating libjpeg's warnings as errors: for corrupt data libjpeg only warns ("Corrupt JPEG data:
+    premature end of data segment") and fills the damaged blocks with grey.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return "no JPEG start marker: not a JPEG file"
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # some writers pad after the end marker
+        return "no JPEG end marker: the file is truncated"
+    with _stderr_text() as warnings:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    if img is None:
+        return "does not decode"
+    if warnings[0]:
+        return f"libjpeg: {warnings[0].splitlines()[0]}"
+    return None
+
+
+def _check_no_empty_split(nusc, split_of: dict[str, str], dataroot: str, version: str) -> None:
+    """Both splits need scenes: an empty val split would train, score mAP 0.0 and fail at the end."""
+    present = {split_of[s["name"]] for s in nusc.scene if s["name"] in split_of}
+    for split, key in zip(("train", "val"), SPLITS[version], strict=True):
+        if split not in present:
+            raise PackError(
+                f"{Path(dataroot) / version}: the {split} split is empty (no scene of nuscenes.utils.splits.{key}); "
+                f"every stage needs both splits (synthetic world: set synth.{split}_scenes >= 1 and re-run synth)"
+            )
 
 
 def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float], classes: list[str]) -> dict:
@@ -115,7 +188,7 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
 
     Args:
         dataroot: nuScenes root holding ``<version>/``, ``samples/`` and ``maps/expansion/``.
-        version: ``v1.0-trainval`` or ``v1.0-mini``.
+        version: ``v1.0-trainval``, ``v1.0-mini`` or ``auto`` (:func:`resolve_version`).
         out: output folder (replaced when packing succeeds, untouched when it fails).
         pc_range: perception range in the LiDAR frame, [x0, y0, z0, x1, y1, z1].
         classes: must be the three MapTR classes, in order.
@@ -124,12 +197,14 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
 
     if tuple(classes) != CLASS_NAMES:
         raise PackError(f"pack.classes: expected {list(CLASS_NAMES)} (the MapTR classes), got {classes}")
+    version = resolve_version(dataroot, version)
     if version not in SPLITS:
         raise PackError(f"pack.version: {version!r} is not one of {sorted(SPLITS)}")
     nusc = open_nuscenes(dataroot, version)
     train_key, val_key = SPLITS[version]
     split_of = {name: "train" for name in getattr(splits, train_key)}
     split_of.update({name: "val" for name in getattr(splits, val_key)})
+    _check_no_empty_split(nusc, split_of, dataroot, version)
 
     with atomic_dir(out) as tmp:
         (tmp / "metas").mkdir()

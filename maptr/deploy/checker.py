@@ -30,6 +30,7 @@ import onnxruntime as ort
 from torch import Tensor
 
 from maptr.deploy.constant_folding import constant_nodes
+from maptr.deploy.ort_runner import session_options
 from maptr.quant.quantizer import OperatorInfo
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
@@ -39,11 +40,6 @@ _DATA_MOVEMENT = {
     "Cast", "Constant", "Identity", "Flatten", "ConstantOfShape", "Range",
 }  # fmt: skip
 _INTEGER_TYPES = {"uint8", "int8", "uint16", "int16"}
-LEVELS = {
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,  # where the Q/DQ -> integer fusions happen
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # + hardware-specific layouts (NCHWc)
-}
 
 
 @dataclass
@@ -137,12 +133,8 @@ def run_onnx_runtime(
     """
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
+    options = session_options(threads, level)
     options.optimized_model_filepath = str(optimized_path)
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # the "optimized model is hardware specific" warning of ENABLE_ALL
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(optimized_path).with_suffix("")) + "_profile"
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

@@ -4,7 +4,7 @@ Latency percentiles over alternating rounds (both models see the same machine co
 session alive at a time), and the median of the per-round ratios, robust to the machine's drift; file
 size, operator-type counts of ORT's optimized graph, and how many compute kernels take integer inputs vs
 float, from ORT's profiler (:func:`maptr.deploy.checker.run_onnx_runtime`); and the readable table of
-``reports/compile.json``.
+``reports/compile.json`` (with what each compile pass changed).
 """
 
 from __future__ import annotations
@@ -200,32 +200,24 @@ def compile_markdown(report: dict, top: int = 12) -> str:
             "show how far the machine's drift moves the ratio between rounds a few seconds apart.",
             "",
         ]
-    fold = report.get("constant_folding")
-    qgemm = report.get("qgemm_rewrites", {})
-    if fold:
+    passes = report.get("passes", {})
+    if passes:
         lines += [
-            f"Constant folding before ORT's optimizer: {fold['folded_nodes']} of the Q/DQ graph's "
-            f"{fold['nodes_before']} nodes depend on no input and were computed once ({fold['new_initializers']} "
-            f"tensors; {fold['kept_constant_dq']} constant DequantizeLinear kept for the integer fusions). "
-            f"ReLUs made redundant by the uint8 quantization after them, removed: {report.get('relus_removed', 0)}. "
-            f"uint8 linears given an int32 bias before ORT's optimizer (so that those with a float output "
-            f"run as QGemm too): "
-            f"{report.get('integer_biases', 0)}. "
-            f"Stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks (space-to-depth, exact): "
-            f"{report.get('space_to_depth_convs', 0)}. "
-            f"16-bit Q -> DQ pairs in front of kernels ORT runs in float, removed (ORT has no 16-bit kernel; those "
-            f"operators read the float tensor): {report.get('int16_pairs_removed', 0)}. "
-            f"ORT's QGemm nodes moved to kernels that add the bias after the integer GEMM: "
-            f"{qgemm.get('to_channels_last_conv', 0)} to a channels-last 1x1 QLinearConv (uint8 output, exact), "
-            f"{qgemm.get('to_matmul_integer_to_float', 0)} to MatMulIntegerToFloat (float output). "
-            f"Constant DQs left in front of float kernels by ORT, folded: {report.get('float_weights_folded', 0)}. "
-            f"Convolution outputs flattened to tokens channels-last (ORT's NHWC -> NCHW transpose cancels at "
-            f"load): {report.get('conv_outputs_channels_last', 0)}. "
-            f"ORT's SkipLayerNormalization nodes written as Sum -> LayerNormalization (the fused CPU kernel is "
-            f"the slower one on 64 channels): {report.get('skip_layer_norms_split', 0)}. "
-            f"Shape-only nodes removed by collapsing Reshape chains: {report.get('reshapes_collapsed', 0)}. "
-            f"Element-wise operators broadcasting in runs of a few floats, given their small input expanded "
-            f"(exact): {report.get('broadcasts_expanded', 0)}. "
+            "## Compile passes (`maptr/deploy/ort_compile.py`, in the order they ran)",
+            "",
+            "| step | pass | runs | count | what it counts | measured on ORT |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, entry in passes.items():
+            lines.append(f"| {entry['step']} | `{name}` | {entry['runs']} | {entry['count']} | {entry['counts']} | "
+                         f"{entry['measured_on_ort']} |")  # fmt: skip
+        # A pass works around what one ORT version does: on another, its gain and exactness are unproven.
+        other = [name for name, entry in passes.items() if entry["measured_on_ort"] != report["onnxruntime"]]
+        if other:
+            lines += ["", f"Measured on another ORT version than this run's {report['onnxruntime']}, to measure "
+                          f"again: {', '.join(other)}."]  # fmt: skip
+        lines += [
+            "",
             f"Deployed sessions load the saved file at ORT level `{report.get('deployed_load_level', 'disabled')}`.",
             "",
         ]

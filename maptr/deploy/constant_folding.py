@@ -20,11 +20,13 @@ each node (Q and DQ as written), which is what the fake-quant PyTorch model comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
+
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, copy_model, prune_initializers, prune_value_info, replace_all
+from maptr.deploy.ort_runner import SAVED, session_options
 
 # Ops whose output is not a function of their inputs: never folded.
 _NONDETERMINISTIC = {
@@ -39,20 +41,6 @@ _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Ident
 # int16 inputs, which stays float). A folded per-channel weight would thus change value at load time;
 # the DQs of such a kernel are kept only while its data input is a DequantizeLinear's output.
 _WEIGHT_REQUANTIZED_AT_LOAD = {"Gemm", "Conv", "ConvTranspose"}
-
-
-@dataclass
-class FoldReport:
-    """What :func:`fold_constants` did."""
-
-    folded_nodes: int  # nodes removed from the graph (computed once)
-    kept_constant_dq: int  # constant DequantizeLinear nodes left for ORT's integer fusions
-    new_initializers: int  # folded tensors the remaining graph reads
-    nodes_before: int
-    nodes_after: int
-
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -77,8 +65,6 @@ def constant_nodes(graph: onnx.GraphProto) -> list[bool]:
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[str]) -> dict[str, np.ndarray]:
     """Runs ``nodes`` (all constant) in ONNX Runtime, optimizations off; returns the tensors ``names``."""
-    import onnxruntime as ort
-
     graph = onnx.helper.make_graph(
         nodes,
         "constant_part",
@@ -87,100 +73,79 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[s
         initializer=list(model.graph.initializer),
     )
     sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    # Each node as written (no optimizer): the reference semantics, which the fake-quant model computes.
+    options = session_options(threads=1, level=SAVED)
     session = ort.InferenceSession(sub.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return dict(zip(names, session.run(names, {}), strict=True))
 
 
-def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tuple[onnx.ModelProto, FoldReport]:
+def fold_constants(model: onnx.ModelProto, keep_dequantize: bool = True) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with its input-independent nodes replaced by initializers (see the module doc).
 
     Args:
         model: an ONNX model (float or Q/DQ), nodes in topological order, no external data.
         keep_dequantize: keep a constant DQ (and its layout chain) read by a run-time node, so that ORT
             can still fuse it into an integer kernel. ``False`` folds it too: for a graph ORT has already
-            optimized, where a DQ left in place feeds a float kernel and would only run on every frame;
-            except the weight / bias DQs of the kernels ORT re-quantizes at load time
-            (:data:`_WEIGHT_REQUANTIZED_AT_LOAD`).
+            optimized (:func:`~maptr.deploy.leftover_dequantize.fold_leftover_dequantize`), except the
+            weight / bias DQs of the kernels ORT re-quantizes at load time (:data:`_WEIGHT_REQUANTIZED_AT_LOAD`).
     Returns:
-        the folded model (same inputs, outputs and opsets; ``onnx.checker`` clean) and a :class:`FoldReport`.
+        the folded model (same inputs, outputs and opsets; ``onnx.checker`` clean) and the number of nodes
+        removed (computed once).
     """
     graph = model.graph
-    flags = constant_nodes(graph)
-    consumers: dict[str, list[int]] = {}
-    for index, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(index)
-    graph_outputs = {out.name for out in graph.output}
-
-    # A constant DQ feeding a run-time node directly or through layout ops (a weight's DQ -> Transpose ->
-    # MatMul) stays with that chain: folding it would hand ORT a float weight and lose the integer kernel.
-    dq_rooted = [False] * len(graph.node)
-    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    nodes = list(graph.node)  # holds one wrapper per node, so that id() names a node below
+    constant = {id(node) for node, flag in zip(nodes, constant_nodes(graph), strict=True) if flag}
+    index = GraphIndex(graph)
 
     def requantized_at_load(reader: onnx.NodeProto, name: str) -> bool:
         """``name`` is a weight or bias of ``reader`` that ORT re-quantizes when loading the file."""
         if reader.op_type not in _WEIGHT_REQUANTIZED_AT_LOAD or list(reader.input).index(name) < 1:
             return False
-        data = producer.get(reader.input[0])
-        return data is not None and graph.node[data].op_type == "DequantizeLinear"
+        data = index.producers.get(reader.input[0])
+        return data is not None and data.op_type == "DequantizeLinear"
 
-    for index, node in enumerate(graph.node):
-        if not flags[index]:
+    # A constant DQ feeding a run-time node directly or through layout ops (a weight's DQ -> Transpose ->
+    # MatMul) stays with that chain: folding it would hand ORT a float weight and lose the integer kernel.
+    dq_rooted: set[int] = set()
+    for node in nodes:
+        if id(node) not in constant:
             continue
         if node.op_type == "DequantizeLinear":
-            dq_rooted[index] = keep_dequantize or any(
-                requantized_at_load(graph.node[i], name) for name in node.output for i in consumers.get(name, [])
-            )
-        elif node.op_type in _LAYOUT_OPS and node.input and node.input[0] in producer:
-            dq_rooted[index] = dq_rooted[producer[node.input[0]]]
+            if keep_dequantize or any(
+                requantized_at_load(reader, name) for name in node.output for reader in index.readers.get(name, [])
+            ):
+                dq_rooted.add(id(node))
+        elif node.op_type in _LAYOUT_OPS and node.input:
+            source = index.producers.get(node.input[0])
+            if source is not None and id(source) in dq_rooted:
+                dq_rooted.add(id(node))
 
-    keep = [not constant for constant in flags]
-    for index in reversed(range(len(graph.node))):  # consumers before producers
-        node = graph.node[index]
-        if dq_rooted[index] and any(
-            name in graph_outputs or any(keep[i] for i in consumers.get(name, [])) for name in node.output
+    kept = {id(node) for node in nodes if id(node) not in constant}
+    for node in reversed(nodes):  # readers before the nodes they read
+        if id(node) in dq_rooted and any(
+            name in index.outputs or any(id(reader) in kept for reader in index.readers.get(name, []))
+            for name in node.output
         ):
-            keep[index] = True
-    kept_dq = sum(1 for index, node in enumerate(graph.node) if flags[index] and keep[index]
-                  and node.op_type == "DequantizeLinear")  # fmt: skip
-    folded = [node for node, kept in zip(graph.node, keep, strict=True) if not kept]
-    initializer_names = {init.name for init in graph.initializer}
+            kept.add(id(node))
+    folded = [node for node in nodes if id(node) not in kept]
+    kept_nodes = [node for node in nodes if id(node) in kept]
     produced_by_folded = {name for node in folded for name in node.output}
-    kept_nodes = [node for node, kept in zip(graph.node, keep, strict=True) if kept]
     needed = sorted(
         {name for node in kept_nodes for name in node.input if name in produced_by_folded}
-        | (graph_outputs & produced_by_folded)
+        | (index.outputs & produced_by_folded)
     )
-    # Evaluate every constant node, the kept DQs too: a kept DQ's output may also feed folded nodes.
-    constant = [node for node, flag in zip(graph.node, flags, strict=True) if flag]
-    values = _evaluate(model, constant, needed) if needed else {}
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(kept_nodes)
-    referenced = {name for node in kept_nodes for name in node.input} | graph_outputs
-    initializers = [init for init in graph.initializer if init.name in referenced]
-    initializers += [numpy_helper.from_array(np.asarray(values[name]), name) for name in needed]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(initializers)
-    # Shapes recorded for tensors that no longer exist would only confuse readers of the graph.
-    live = {name for node in kept_nodes for name in node.output}
-    value_info = [info for info in graph.value_info if info.name in live]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(value_info)
-    if initializer_names & set(needed):
+    if set(index.initializers) & set(needed):
         raise AssertionError("a folded tensor has the name of an existing initializer")  # ONNX forbids both
+    # Evaluate every constant node, the kept DQs too: a kept DQ's output may also feed folded nodes.
+    values = _evaluate(model, [node for node in nodes if id(node) in constant], needed) if needed else {}
+
+    out = copy_model(model)
+    replace_all(out.graph.node, kept_nodes)
+    prune_initializers(out.graph)
+    out.graph.initializer.extend(numpy_helper.from_array(np.asarray(values[name]), name) for name in needed)
+    prune_value_info(out.graph)
     onnx.checker.check_model(out)
-    report = FoldReport(
-        folded_nodes=len(folded),
-        kept_constant_dq=kept_dq,
-        new_initializers=len(needed),
-        nodes_before=len(graph.node),
-        nodes_after=len(kept_nodes),
-    )
-    return out, report
+    return out, len(folded)
+
+
+PASS = GraphPass(fold_constants, counts="input-independent nodes computed once", measured_on_ort="1.32.0")

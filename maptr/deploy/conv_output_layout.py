@@ -19,14 +19,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from maptr.deploy.graph_index import producers as graph_producers
-from maptr.deploy.graph_index import readers as graph_readers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, attribute, copy_model, rebuild_nodes
 
 _CONVS = ("QLinearConv", "Conv")
-
-
-def _is_perm(node: onnx.NodeProto, perm: list[int]) -> bool:
-    return any(attr.name == "perm" and list(attr.ints) == perm for attr in node.attribute)
 
 
 def _token_shape(target: np.ndarray, channels: int) -> np.ndarray | None:
@@ -48,32 +43,27 @@ def flatten_conv_outputs_channels_last(model: onnx.ModelProto) -> tuple[onnx.Mod
     Returns:
         the new model (same inputs, outputs and values) and the number of rewrites.
     """
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = graph_producers(graph)
-    readers = graph_readers(graph)
-    graph_outputs = {out.name for out in graph.output}  # read outside the graph: must keep their values
-
-    # keyed by output names: node names may be empty
-    replacements: dict[str, list[onnx.NodeProto]] = {}  # Reshape output -> the two nodes replacing it
-    removed: set[str] = set()  # outputs of the Transposes folded into them
+    index = GraphIndex(model.graph)
+    # keyed by output names (node names may be empty): a Reshape's -> the two nodes replacing it, the
+    # Transpose's after it -> none (folded into them)
+    replacements: dict[str, list[onnx.NodeProto]] = {}
     new_initializers = []
-    for transpose in graph.node:
-        if transpose.op_type != "Transpose" or not _is_perm(transpose, [0, 2, 1]):
+    for transpose in model.graph.node:
+        if transpose.op_type != "Transpose" or attribute(transpose, "perm", None) != [0, 2, 1]:
             continue
-        reshape = producers.get(transpose.input[0])
-        if reshape is None or reshape.op_type != "Reshape" or len(readers[reshape.output[0]]) != 1:
+        reshape = index.producers.get(transpose.input[0])
+        if reshape is None or reshape.op_type != "Reshape" or len(index.readers[reshape.output[0]]) != 1:
             continue
-        conv = producers.get(reshape.input[0])
-        if conv is None or conv.op_type not in _CONVS or len(readers[conv.output[0]]) != 1:
+        conv = index.producers.get(reshape.input[0])
+        if conv is None or conv.op_type not in _CONVS or len(index.readers[conv.output[0]]) != 1:
             continue
-        if {reshape.output[0], conv.output[0]} & graph_outputs:
+        if {reshape.output[0], conv.output[0]} & index.outputs:  # read outside the graph: values must stay
             continue
         weight_name = conv.input[3] if conv.op_type == "QLinearConv" else conv.input[1]
-        if weight_name not in initializers or reshape.input[1] not in initializers:
+        target = index.constant(reshape.input[1])
+        if weight_name not in index.initializers or target is None:
             continue
-        weight_shape = tuple(initializers[weight_name].dims)
-        target = numpy_helper.to_array(initializers[reshape.input[1]])
+        weight_shape = tuple(index.initializers[weight_name].dims)
         tokens = _token_shape(target, weight_shape[0]) if len(weight_shape) == 4 else None
         if tokens is None:
             continue
@@ -86,16 +76,13 @@ def flatten_conv_outputs_channels_last(model: onnx.ModelProto) -> tuple[onnx.Mod
                 "Reshape", [channels_last, shape_name], [transpose.output[0]], name=f"{channels_last}_tokens"
             ),
         ]
-        removed.add(transpose.output[0])
+        replacements[transpose.output[0]] = []
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = []
-    for node in out.graph.node:
-        if node.op_type == "Transpose" and node.output[0] in removed:
-            continue
-        nodes.extend(replacements.get(node.output[0], [node]) if node.op_type == "Reshape" else [node])
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
+    out = copy_model(model)
+    rebuild_nodes(out.graph, replacements)
     out.graph.initializer.extend(new_initializers)
-    return out, len(removed)
+    return out, len(new_initializers)  # one token shape per rewrite
+
+
+PASS = GraphPass(flatten_conv_outputs_channels_last, counts="convolution outputs flattened to tokens channels-last",
+                 measured_on_ort="1.32.0")  # fmt: skip

@@ -10,7 +10,7 @@ also feeds a node that is not a ``DequantizeLinear`` stays.
 With the pair gone, ORT no longer sees a dequantized input in front of these linears, so its
 ``WeightBiasQuantization`` does not re-quantize their weights at load time either, and the weight
 ``DequantizeLinear`` nodes of those linears can be folded after ORT's optimizer like any other
-(:func:`~maptr.deploy.constant_folding.fold_constants`).
+(:func:`~maptr.deploy.leftover_dequantize.fold_leftover_dequantize`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from maptr.deploy.graph_index import readers as graph_readers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, bypass, optional_input
 
 _SIXTEEN_BIT = {TensorProto.INT16, TensorProto.UINT16}
 
 
-def _is_sixteen_bit(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+def _is_sixteen_bit(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """True for a QuantizeLinear whose zero point (which sets its output type) is a 16-bit constant."""
-    zero_point = initializers.get(node.input[2]) if len(node.input) >= 3 else None
+    zero_point = index.initializers.get(optional_input(node, 2))
     return zero_point is not None and zero_point.data_type in _SIXTEEN_BIT
 
 
@@ -35,40 +35,26 @@ def drop_int16_rounding(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Returns:
         the new model and the number of QuantizeLinear nodes removed (each with its DequantizeLinears).
     """
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    readers = graph_readers(graph)
-    graph_outputs = {output.name for output in graph.output}
-
+    index = GraphIndex(model.graph)
     replacement: dict[str, str] = {}  # a removed DQ's output -> the float tensor its Q read
-    removed: set[int] = set()  # id() of the removed nodes
+    removed: set[str] = set()  # outputs of the removed Q and DQ nodes
     pairs = 0
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or not _is_sixteen_bit(node, initializers):
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or not _is_sixteen_bit(node, index):
             continue
         quantized = node.output[0]
-        consumers = readers.get(quantized, [])
-        if quantized in graph_outputs or not consumers or any(c.op_type != "DequantizeLinear" for c in consumers):
+        consumers = index.readers.get(quantized, [])
+        if quantized in index.outputs or not consumers or any(c.op_type != "DequantizeLinear" for c in consumers):
             continue
-        if any(c.input[0] != quantized or c.output[0] in graph_outputs for c in consumers):
+        if any(c.input[0] != quantized or c.output[0] in index.outputs for c in consumers):
             continue
         for dequantize in consumers:
             replacement[dequantize.output[0]] = node.input[0]
-            removed.add(id(dequantize))
-        removed.add(id(node))
+            removed.add(dequantize.output[0])
+        removed.add(quantized)
         pairs += 1
+    return bypass(model, removed, rewire=replacement), pairs
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    kept = [copy for copy, node in zip(out.graph.node, graph.node, strict=True) if id(node) not in removed]
-    for node in kept:
-        for index, name in enumerate(node.input):
-            if name in replacement:
-                node.input[index] = replacement[name]
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    gone = set(replacement) | {n.output[0] for n in graph.node if id(n) in removed}
-    infos = [info for info in out.graph.value_info if info.name not in gone]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(infos)
-    return out, pairs
+
+PASS = GraphPass(drop_int16_rounding, counts="16-bit QuantizeLinear nodes removed, each with its DQs",
+                 measured_on_ort="1.32.0")  # fmt: skip

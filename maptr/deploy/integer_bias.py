@@ -23,47 +23,37 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from maptr.deploy.graph_index import producers as graph_producers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, attribute, copy_and_index, optional_input, rebuild_nodes
 
 _INT32_MAX = np.float32(2**31 - 1)
 
 
-def _constant(name: str, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    return numpy_helper.to_array(initializers[name]) if name in initializers else None
-
-
-def _weight_dequantize(
-    node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]
-) -> tuple[onnx.NodeProto, bool] | None:
+def _weight_dequantize(node: onnx.NodeProto | None, index: GraphIndex) -> tuple[onnx.NodeProto, bool] | None:
     """The weight's DQ feeding a MatMul's or Gemm's second input, and whether a Transpose sits between them."""
     transposed = node is not None and node.op_type == "Transpose"
     if transposed:
-        node = producers.get(node.input[0])
+        node = index.producers.get(node.input[0])
     if node is None or node.op_type != "DequantizeLinear":
         return None
     return node, transposed
 
 
-def _bias_scale(
-    matmul: onnx.NodeProto,
-    producers: dict[str, onnx.NodeProto],
-    initializers: dict[str, onnx.TensorProto],
-    channels: int,
-) -> np.ndarray | None:
+def _bias_scale(matmul: onnx.NodeProto, index: GraphIndex, channels: int) -> np.ndarray | None:
     """``s_x * s_w`` per output channel (float32, length ``channels``) of a uint8 x int8 MatMul or Gemm."""
-    x_dq = producers.get(matmul.input[0])
-    weight = _weight_dequantize(producers.get(matmul.input[1]), producers)
+    x_dq = index.producers.get(matmul.input[0])
+    weight = _weight_dequantize(index.producers.get(matmul.input[1]), index)
     if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None:
         return None
     w_dq, transposed = weight
     if matmul.op_type == "Gemm":
-        attributes = {a.name: helper.get_attribute_value(a) for a in matmul.attribute}
-        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 or attributes.get("transA", 0):
+        if attribute(matmul, "alpha", 1.0) != 1.0 or attribute(matmul, "beta", 1.0) != 1.0:
             return None
-        transposed = transposed != bool(attributes.get("transB", 0))
-    x_scale, w_scale = _constant(x_dq.input[1], initializers), _constant(w_dq.input[1], initializers)
-    x_int, w_int = _constant(x_dq.input[0], initializers), _constant(w_dq.input[0], initializers)
-    x_zero = _constant(x_dq.input[2], initializers) if len(x_dq.input) > 2 else None
+        if attribute(matmul, "transA", 0):
+            return None
+        transposed = transposed != bool(attribute(matmul, "transB", 0))
+    x_scale, w_scale = index.constant(x_dq.input[1]), index.constant(w_dq.input[1])
+    x_int, w_int = index.constant(x_dq.input[0]), index.constant(w_dq.input[0])
+    x_zero = index.constant(optional_input(x_dq, 2))
     if x_scale is None or w_scale is None or w_int is None or x_int is not None or x_zero is None:
         return None  # run-time weight, or an activation that is not a run-time tensor
     if x_zero.dtype != np.uint8 or w_int.dtype != np.int8 or x_scale.size != 1 or w_int.ndim != 2:
@@ -71,7 +61,7 @@ def _bias_scale(
     # The output channels are axis 0 of the (C_out, C_in) weight the exporter transposes, else axis 1.
     channel_axis = 0 if transposed else 1
     if w_scale.size != 1:
-        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        axis = attribute(w_dq, "axis", 1)
         if axis % 2 != channel_axis or w_scale.size != channels:
             return None
     if w_int.shape[channel_axis] != channels:
@@ -81,9 +71,7 @@ def _bias_scale(
     ).copy()
 
 
-def _bias_input(
-    node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]
-) -> tuple[onnx.NodeProto, int] | None:
+def _bias_input(node: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int] | None:
     """(the linear's MatMul or Gemm, index of ``node``'s input holding the 1-D float bias), or None.
 
     A linear is exported as ``MatMul`` + ``Add(bias)`` (3-D inputs) or as one ``Gemm`` (2-D inputs).
@@ -91,12 +79,12 @@ def _bias_input(
     if node.op_type == "Gemm" and len(node.input) == 3:
         slots = [(node, 2)]
     elif node.op_type == "Add":
-        slots = [(producers.get(node.input[0]), 1), (producers.get(node.input[1]), 0)]
+        slots = [(index.producers.get(node.input[0]), 1), (index.producers.get(node.input[1]), 0)]
         slots = [(linear, slot) for linear, slot in slots if linear is not None and linear.op_type == "MatMul"]
     else:
         return None
     for linear, slot in slots:
-        bias = _constant(node.input[slot], initializers)
+        bias = index.constant(node.input[slot])
         if bias is not None and bias.ndim == 1 and bias.dtype == np.float32:
             return linear, slot
     return None
@@ -112,20 +100,16 @@ def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     Returns:
         the new model and the number of biases quantized.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = graph_producers(graph)
+    out, index = copy_and_index(model)
     new_initializers: list[onnx.TensorProto] = []
-    bias_nodes: dict[int, onnx.NodeProto] = {}  # index of the Add / Gemm -> the bias DQ that goes before it
-    for index, node in enumerate(graph.node):
-        target = _bias_input(node, producers, initializers)
+    with_bias: dict[str, list[onnx.NodeProto]] = {}  # Add / Gemm output -> [its bias DQ, the Add / Gemm]
+    for node in out.graph.node:
+        target = _bias_input(node, index)
         if target is None:
             continue
         linear, slot = target
-        bias = _constant(node.input[slot], initializers)
-        scale = _bias_scale(linear, producers, initializers, bias.shape[0])
+        bias = index.constant(node.input[slot])
+        scale = _bias_scale(linear, index, bias.shape[0])
         if scale is None or not np.all(scale > 0):
             continue
         steps = np.round(bias.astype(np.float32) / scale)
@@ -136,16 +120,14 @@ def quantize_float_output_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProt
             numpy_helper.from_array(steps.astype(np.int32), f"{base}_quantized"),
             numpy_helper.from_array(scale, f"{base}_scale"),
         ]
-        bias_nodes[index] = helper.make_node(
+        bias_dq = helper.make_node(
             "DequantizeLinear", [f"{base}_quantized", f"{base}_scale"], [base], name=base, axis=0
         )
         node.input[slot] = base
-    nodes = []
-    for index, node in enumerate(graph.node):
-        if index in bias_nodes:
-            nodes.append(bias_nodes[index])
-        nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(new_initializers)
-    return out, len(bias_nodes)
+        with_bias[node.output[0]] = [bias_dq, node]
+    rebuild_nodes(out.graph, with_bias)
+    out.graph.initializer.extend(new_initializers)
+    return out, len(with_bias)
+
+
+PASS = GraphPass(quantize_float_output_biases, counts="uint8 linears given an int32 bias", measured_on_ort="1.32.0")

@@ -1,50 +1,54 @@
-"""Compiling for ONNX Runtime (CPU): optimize the Q/DQ graph once, save it, and measure what it became.
+"""Compiling for ONNX Runtime (CPU): rewrite the Q/DQ graph, let ORT optimize it once, rewrite ORT's result,
+save it, and check that the file is what was compiled.
 
-"Compiling" here is graph rewrites run ahead of time (:func:`prepare_for_ort`), then ORT's optimizer:
+The rewrites are :class:`~maptr.deploy.onnx_graph.GraphPass` entries of two lists, run in this order (each
+pass's key in ``reports/compile.json``'s ``passes`` is its function's name). Before ORT's optimizer
+(:data:`BEFORE_ORT`), so that ORT sees a graph it can fuse into integer kernels:
 
-1. the input-independent part of the graph is computed once
-   (:func:`~maptr.deploy.constant_folding.fold_constants`: ORT folds it in a float model but not
-   behind a DequantizeLinear);
-2. the ReLUs that the uint8 quantization after them already performs are removed
-   (:func:`~maptr.deploy.redundant_relu.drop_relus_before_quantize`: left in, they keep linears in float);
-3. every uint8 linear gets its int32 bias written here
-   (:func:`~maptr.deploy.integer_bias.quantize_float_output_biases`): ORT writes it only for those
-   followed by a ``QuantizeLinear``, so the ones whose output stays float ran as float Gemm on
-   dequantized inputs;
-4. the stem convolution is rewritten over 2x2 blocks
-   (:func:`~maptr.deploy.stem_space_to_depth.space_to_depth_stem`: 12 input channels instead of 3 reach
-   ORT's fast integer convolution kernel; bit-identical outputs), and the 16-bit Q -> DQ pairs in front
-   of the operators ORT runs in float anyway are removed
-   (:func:`~maptr.deploy.int16_rounding.drop_int16_rounding`: ORT has no 16-bit kernel, so the pair only
-   rounded a float tensor to a 16-bit grid; those operators read it unrounded);
-5. ORT's own graph optimizer: at ``extended`` level it fuses every ``DequantizeLinear -> op ->
-   QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm, QLinearAdd, QLinearMatMul,
-   ...), folds constants and fuses LayerNorm patterns; the result is written with
-   ``SessionOptions.optimized_model_filepath``;
-6. ORT's fused integer linears (``QGemm``) move to kernels that add the bias after the integer GEMM
-   (:func:`~maptr.deploy.qgemm_kernels.move_qgemm_to_faster_kernels`): a channels-last 1x1
+1. ``fold_constants`` (:mod:`~maptr.deploy.constant_folding`): the input-independent part of the graph is
+   computed once; ORT folds it in a float model but not behind a DequantizeLinear;
+2. ``drop_relus_before_quantize`` (:mod:`~maptr.deploy.redundant_relu`): the ReLUs that the uint8
+   quantization after them already performs are removed; left in, they keep linears in float;
+3. ``quantize_float_output_biases`` (:mod:`~maptr.deploy.integer_bias`): every uint8 linear gets its int32
+   bias written here; ORT writes it only for those followed by a ``QuantizeLinear``, so the ones whose
+   output stays float ran as float Gemm on dequantized inputs;
+4. ``space_to_depth_stem`` (:mod:`~maptr.deploy.stem_space_to_depth`): the stem convolution is rewritten
+   over 2x2 blocks: 12 input channels instead of 3 reach ORT's fast integer convolution kernel
+   (bit-identical outputs);
+5. ``drop_int16_rounding`` (:mod:`~maptr.deploy.int16_rounding`): the 16-bit Q -> DQ pairs in front of the
+   operators ORT runs in float anyway are removed; ORT has no 16-bit kernel, so the pair only rounded a
+   float tensor to a 16-bit grid, and those operators read it unrounded.
+
+Then ORT's own graph optimizer (:func:`ort_optimize`): at ``extended`` level it fuses every
+``DequantizeLinear -> op -> QuantizeLinear`` group it has an integer kernel for (QLinearConv, QGemm,
+QLinearAdd, QLinearMatMul, ...), folds constants and fuses LayerNorm patterns; the result is written with
+``SessionOptions.optimized_model_filepath``. After it (:data:`AFTER_ORT`), on ORT's graph:
+
+6. ``move_qgemm_to_faster_kernels`` (:mod:`~maptr.deploy.qgemm_kernels`): ORT's fused integer linears
+   (``QGemm``) move to kernels that add the bias after the integer GEMM: a channels-last 1x1
    ``QLinearConv`` where the output is uint8 (bit-identical), ``MatMulIntegerToFloat`` with a float bias
    where it is float (float rounding); QGemm's accumulate-mode bias kept it from using a second thread;
-7. the constant DQs ORT left in front of kernels that stay float are folded into float initializers
-   (nothing reads their integer grid any more), except the weight and bias DQs of a float ``Gemm`` or
-   ``Conv`` whose input is dequantized, which ORT would re-quantize per tensor when loading the file
-   (:data:`~maptr.deploy.constant_folding._WEIGHT_REQUANTIZED_AT_LOAD`; none left once step 4 removed
-   the 16-bit pairs);
-8. a convolution's output flattened to tokens (``Reshape(N, C, H*W) -> Transpose(0, 2, 1)``) is written
-   as ``Transpose(0, 2, 3, 1) -> Reshape`` (:mod:`~maptr.deploy.conv_output_layout`), so that the
-   NHWC -> NCHW transpose ORT puts after its channels-last convolution at load cancels against it;
-9. ORT's fused ``SkipLayerNormalization`` nodes are written back as ``Sum -> LayerNormalization``
-   (:mod:`~maptr.deploy.skip_layer_norm`): on 64 channels the fused CPU kernel is 2-6x slower than the
-   standard one (nano: 8 nodes, ~0.5 ms per frame at 2 threads, ~1.5 ms at 1);
-10. chains of shape-only nodes that end in a ``Reshape`` collapse into that ``Reshape``
-    (:mod:`~maptr.deploy.reshape_chains`): ORT's Gemm fusion and step 6 wrap every linear in reshapes
-    (nano: 50 of 366 nodes removed; bit-identical);
-11. element-wise operators that broadcast in runs of a few floats (deformable attention's reference
-    points and offset normalizer) read their small input expanded to the full shape
-    (:mod:`~maptr.deploy.small_broadcasts`): ORT walks such a broadcast run by run on one thread
-    (nano: 3 nodes, ~0.3 ms per frame at 2 threads; bit-identical).
+7. ``fold_leftover_dequantize`` (:mod:`~maptr.deploy.leftover_dequantize`): the constant DQs ORT left in
+   front of kernels that stay float are folded into float initializers, except the weight and bias DQs
+   that ORT would re-quantize per tensor when loading the file;
+8. ``flatten_conv_outputs_channels_last`` (:mod:`~maptr.deploy.conv_output_layout`): a convolution's
+   output flattened to tokens (``Reshape(N, C, H*W) -> Transpose(0, 2, 1)``) is written as
+   ``Transpose(0, 2, 3, 1) -> Reshape``, so that the NHWC -> NCHW transpose ORT puts after its
+   channels-last convolution at load cancels against it;
+9. ``split_skip_layer_norms`` (:mod:`~maptr.deploy.skip_layer_norm`): ORT's fused
+   ``SkipLayerNormalization`` nodes are written back as ``Sum -> LayerNormalization``: on 64 channels the
+   fused CPU kernel is 2-6x slower than the standard one;
+10. ``collapse_reshape_chains`` (:mod:`~maptr.deploy.reshape_chains`): chains of shape-only nodes that end
+    in a ``Reshape`` collapse into that ``Reshape``; ORT's Gemm fusion and step 6 wrap every linear in
+    reshapes (bit-identical);
+11. ``expand_short_run_broadcasts`` (:mod:`~maptr.deploy.small_broadcasts`): element-wise operators that
+    broadcast in runs of a few floats (deformable attention's reference points and offset normalizer)
+    read their small input expanded to the full shape; ORT walks such a broadcast run by run on one
+    thread (bit-identical).
 
-That file is portable across x86 CPUs. Every session of the deployed model loads it at
+A new pass is a module with a ``PASS`` and one entry in one of the two lists (and a line here).
+
+The file is portable across x86 CPUs. Every session of the deployed model loads it at
 :data:`~maptr.deploy.ort_runner.DEPLOYED_LEVEL` (``all``): ORT then adds the layouts of the CPU it runs
 on (channels-last integer convolutions and max-pool), which it cannot save portably.
 
@@ -63,77 +67,51 @@ import numpy as np
 import onnx
 
 from maptr.atomic import atomic_file
-from maptr.deploy.checker import LEVELS
-from maptr.deploy.constant_folding import FoldReport, fold_constants
-from maptr.deploy.conv_output_layout import flatten_conv_outputs_channels_last
-from maptr.deploy.int16_rounding import drop_int16_rounding
-from maptr.deploy.integer_bias import quantize_float_output_biases
-from maptr.deploy.ort_runner import DEPLOYED_LEVEL, SAVED, create_session, run_frame, session_options
-from maptr.deploy.qgemm_kernels import QGemmRewrites, move_qgemm_to_faster_kernels
-from maptr.deploy.redundant_relu import drop_relus_before_quantize
-from maptr.deploy.reshape_chains import collapse_reshape_chains
-from maptr.deploy.skip_layer_norm import split_skip_layer_norms
-from maptr.deploy.small_broadcasts import expand_short_run_broadcasts
-from maptr.deploy.stem_space_to_depth import space_to_depth_stem
+from maptr.deploy import (
+    constant_folding,
+    conv_output_layout,
+    int16_rounding,
+    integer_bias,
+    leftover_dequantize,
+    qgemm_kernels,
+    redundant_relu,
+    reshape_chains,
+    skip_layer_norm,
+    small_broadcasts,
+    stem_space_to_depth,
+)
+from maptr.deploy.onnx_graph import GraphPass, run_passes
+from maptr.deploy.ort_runner import DEPLOYED_LEVEL, LEVELS, SAVED, create_session, run_frame, session_options
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-
-@dataclass
-class PreparedModel:
-    """A Q/DQ model after the rewrites that run before ORT's optimizer, and what each did."""
-
-    model: onnx.ModelProto
-    fold: FoldReport  # what the constant folding removed
-    relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
-    integer_biases: int  # float biases of uint8 linears written as int32 DQs
-    space_to_depth_convs: int  # stride-2 integer convolutions on < 4 channels rewritten over 2x2 blocks
-    int16_pairs_removed: int  # 16-bit Q -> DQ pairs in front of float kernels
-
-
-@dataclass
-class AfterOrt:
-    """ORT's optimized graph after the rewrites that follow ORT's optimizer, and what each did."""
-
-    model: onnx.ModelProto
-    qgemm_rewrites: QGemmRewrites
-    float_weights_folded: int
-    conv_outputs_channels_last: int
-    skip_layer_norms_split: int
-    reshapes_collapsed: int
-    broadcasts_expanded: int
+# The passes in the order they run (the module doc's steps 1-5 and 6-11).
+BEFORE_ORT: tuple[GraphPass, ...] = (
+    constant_folding.PASS,
+    redundant_relu.PASS,
+    integer_bias.PASS,
+    stem_space_to_depth.PASS,
+    int16_rounding.PASS,
+)
+AFTER_ORT: tuple[GraphPass, ...] = (
+    qgemm_kernels.PASS,
+    leftover_dequantize.PASS,
+    conv_output_layout.PASS,
+    skip_layer_norm.PASS,
+    reshape_chains.PASS,
+    small_broadcasts.PASS,
+)
 
 
-@dataclass
-class CompiledModel:
-    path: Path  # the saved, optimized model
-    fold: FoldReport  # what the constant folding removed
-    relus_removed: int  # ReLUs made redundant by the uint8 quantization after them
-    integer_biases: int  # uint8 linears given an int32 bias, so that the float-output ones run as QGemm too
-    space_to_depth_convs: int  # the stem convolution as a 12-channel block convolution (exact)
-    int16_pairs_removed: int  # 16-bit Q -> DQ pairs removed: those operators read the float tensor
-    qgemm_rewrites: QGemmRewrites  # ORT's QGemm nodes moved to kernels that add the bias after the GEMM
-    float_weights_folded: int  # constant DQs ORT left in front of float kernels, folded after its optimizer
-    conv_outputs_channels_last: int  # conv -> tokens flattened channels-last (no NCHW round trip at load)
-    skip_layer_norms_split: int  # ORT's SkipLayerNormalization nodes as Sum -> LayerNormalization
-    reshapes_collapsed: int  # shape-only nodes removed by collapsing Reshape chains
-    broadcasts_expanded: int  # element-wise operators whose short-run broadcast input is expanded first
-
-
-def prepare_for_ort(model: onnx.ModelProto) -> PreparedModel:
-    """The graph rewrites done before ORT's optimizer: constant folding, redundant ReLUs, integer biases,
-    the stem convolution over 2x2 blocks, the 16-bit rounding pairs."""
-    folded, report = fold_constants(model)
-    without_relus, relus = drop_relus_before_quantize(folded)
-    with_biases, biases = quantize_float_output_biases(without_relus)
-    with_stem, stems = space_to_depth_stem(with_biases)
-    prepared, int16_pairs = drop_int16_rounding(with_stem)
+def prepare_for_ort(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The :data:`BEFORE_ORT` passes applied to ``model``; returns the result and each pass's count."""
+    prepared, counts = run_passes(model, BEFORE_ORT)
     onnx.checker.check_model(prepared)
-    return PreparedModel(prepared, report, relus, biases, stems, int16_pairs)
+    return prepared, counts
 
 
-def _ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> None:
+def ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> None:
     """ORT's graph optimizations at ``level`` applied to ``prepared``, the result written as ONNX to ``path``."""
     import onnxruntime as ort
 
@@ -144,19 +122,32 @@ def _ort_optimize(prepared: onnx.ModelProto, path: str | Path, level: str) -> No
     ort.InferenceSession(prepared.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _after_ort(optimized: onnx.ModelProto) -> AfterOrt:
-    """The rewrites of ORT's optimized graph: QGemm onto faster kernels, the leftover constant DQs
-    folded, the convolutions' token outputs flattened channels-last, the fused skip layer norms split, the
-    reshape chains collapsed, the short-run broadcasts expanded."""
-    rewritten, qgemms = move_qgemm_to_faster_kernels(optimized)
-    # A constant DQ that ORT could not fuse feeds a float kernel: left in, it dequantizes the same
-    # tensor on every frame. Float Gemm / Conv weights keep theirs (see fold_constants).
-    folded, leftover = fold_constants(rewritten, keep_dequantize=False)
-    flattened, token_layouts = flatten_conv_outputs_channels_last(folded)
-    split, norms = split_skip_layer_norms(flattened)
-    collapsed, reshapes = collapse_reshape_chains(split)
-    expanded, broadcasts = expand_short_run_broadcasts(collapsed)
-    return AfterOrt(expanded, qgemms, leftover.folded_nodes, token_layouts, norms, reshapes, broadcasts)
+def after_ort(optimized: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """The :data:`AFTER_ORT` passes applied to ORT's optimized graph; returns the result and each pass's count."""
+    return run_passes(optimized, AFTER_ORT)
+
+
+@dataclass
+class CompiledModel:
+    path: Path  # the saved, optimized model
+    counts: dict[str, int]  # pass name -> how many places it changed, in the order the passes ran
+
+    def passes(self) -> dict[str, dict]:
+        """``reports/compile.json``'s ``passes``: per pass, in order, its step (as numbered in the module doc),
+        whether it runs before or after ORT's optimizer, its count, what that counts and the ORT version it
+        was measured on."""
+        stages = [("before ORT", graph_pass) for graph_pass in BEFORE_ORT]
+        stages += [("after ORT", graph_pass) for graph_pass in AFTER_ORT]
+        return {
+            graph_pass.name: {
+                "step": step,
+                "runs": runs,
+                "count": self.counts[graph_pass.name],
+                "counts": graph_pass.counts,
+                "measured_on_ort": graph_pass.measured_on_ort,
+            }
+            for step, (runs, graph_pass) in enumerate(stages, start=1)
+        }
 
 
 def optimize_and_save(source: str | Path, target: str | Path, level: str = "extended") -> CompiledModel:
@@ -164,23 +155,18 @@ def optimize_and_save(source: str | Path, target: str | Path, level: str = "exte
     saved atomically as ONNX to ``target``.
 
     Returns:
-        the saved file's path and what the graph rewrites did.
+        the saved file's path and what each pass did.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level!r}")
     target = Path(target)
-    prepared = prepare_for_ort(onnx.load(str(source)))
+    prepared, before = prepare_for_ort(onnx.load(str(source)))
     with atomic_file(target) as tmp:
-        _ort_optimize(prepared.model, tmp, level)
-        after = _after_ort(onnx.load(str(tmp)))
-        onnx.save(after.model, str(tmp))
+        ort_optimize(prepared, tmp, level)
+        compiled, after = after_ort(onnx.load(str(tmp)))
+        onnx.save(compiled, str(tmp))
         onnx.checker.check_model(str(tmp))  # what is saved is a loadable, valid model
-    return CompiledModel(
-        target, prepared.fold, prepared.relus_removed, prepared.integer_biases, prepared.space_to_depth_convs,
-        prepared.int16_pairs_removed,
-        after.qgemm_rewrites, after.float_weights_folded, after.conv_outputs_channels_last,
-        after.skip_layer_norms_split, after.reshapes_collapsed, after.broadcasts_expanded,
-    )  # fmt: skip
+    return CompiledModel(target, {**before, **after})
 
 
 def _max_differences(a: ort.InferenceSession, b: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -220,12 +206,12 @@ def outputs_match(
     that value sits on a rounding boundary of a later QuantizeLinear, the code there by one step. Its
     effect is measured against ORT's plain QGemm graph and reported, not checked.
     """
-    prepared = prepare_for_ort(onnx.load(str(reference))).model
+    prepared, _ = prepare_for_ort(onnx.load(str(reference)))
     with tempfile.TemporaryDirectory() as tmp:
         prepared_path, ort_path, compiled_path = (Path(tmp) / f"{n}.onnx" for n in ("prepared", "ort", "compiled"))
         onnx.save(prepared, str(prepared_path))
-        _ort_optimize(prepared, ort_path, level)
-        onnx.save(_after_ort(onnx.load(str(ort_path))).model, str(compiled_path))
+        ort_optimize(prepared, ort_path, level)
+        onnx.save(after_ort(onnx.load(str(ort_path)))[0], str(compiled_path))
         one_go = create_session(prepared_path, threads=1, level=DEPLOYED_LEVEL)
         ort_graph = create_session(ort_path, threads=1, level=DEPLOYED_LEVEL)
         compiled_as_written = create_session(compiled_path, threads=1, level=SAVED)

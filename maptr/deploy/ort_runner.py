@@ -1,4 +1,8 @@
-"""Running an exported MapTR on ONNX Runtime (CPU): sessions with explicit threads, and the predictor.
+"""Running an exported MapTR on ONNX Runtime (CPU): the one place ORT sessions are configured, and the predictor.
+
+Every ORT session of the project takes its options from :func:`session_options` (the deployed model's,
+the compile stage's optimizer run, the constant folding's evaluation, the model checker's profiled run), so
+that all of them run with explicit threads and the same ``MatMulNBits`` accuracy level.
 
 The deployed graph takes one frame: ``img`` (1, Ncam, 3, H, W) and ``lidar2img`` (1, Ncam, 4, 4), and
 returns ``scores`` (1, Q, K) sigmoid probabilities and ``pts`` (1, Q, P, 2) normalized points.
@@ -14,11 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as _ORT_ERRORS
 from torch import Tensor
 
-from maptr.deploy.checker import LEVELS
 from maptr.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES
 
+# The graph optimization levels a model can be optimized at (compile.optimization_level, check_model --level).
+LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,  # where the Q/DQ -> integer fusions happen
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # + hardware-specific layouts (NCHWc)
+}
 # Loading a model exactly as saved, no optimizer run (e.g. only to read its input shapes).
 SAVED = "disabled"
 _ALL_LEVELS = {**LEVELS, SAVED: ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
@@ -54,16 +64,48 @@ def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     return options
 
 
-def create_session(path: str | Path, threads: int, level: str = "all") -> ort.InferenceSession:
-    """An ORT CPU session of ``path`` (see :func:`session_options`); checks the MapTR input / output names."""
+class OnnxModelError(RuntimeError):
+    """An ONNX file that is not a usable model (garbage, truncated): names the file and the fix."""
+
+
+def _unreadable(path: Path, exc: BaseException) -> OnnxModelError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return OnnxModelError(f"{path}: not a readable ONNX model (truncated or corrupt: {first}); re-run the "
+                          "export / compile stage that writes it")  # fmt: skip
+
+
+def check_onnx_readable(path: str | Path) -> None:
+    """Parse and check ``path`` before any work is spent on it (onnx.load and the ONNX checker)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ONNX model not found; run the export / compile stage (dvc repro)")
-    session = ort.InferenceSession(str(path), session_options(threads, level), providers=["CPUExecutionProvider"])
+    try:
+        onnx.checker.check_model(onnx.load(str(path)))
+    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def create_session(path: str | Path, threads: int, level: str = "all") -> ort.InferenceSession:
+    """An ORT CPU session of ``path`` (see :func:`session_options`); checks the MapTR input / output names.
+    A file ORT cannot load is an OnnxModelError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ONNX model not found; run the export / compile stage (dvc repro)")
+    options = session_options(threads, level)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (_ORT_ERRORS.InvalidProtobuf, _ORT_ERRORS.InvalidGraph, _ORT_ERRORS.Fail) as exc:
+        raise _unreadable(path, exc) from None
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())
     if inputs != INPUT_NAMES or outputs != OUTPUT_NAMES:
-        raise ValueError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {inputs} -> {outputs}")
+        raise OnnxModelError(
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {inputs} -> {outputs}; "
+            "give a MapTR model written by the export / compile stage"
+        )
     return session
 
 
@@ -116,72 +158,3 @@ class OrtPredictor:
         self.last_scores = np.concatenate(scores)  # (B, Q, K)
         logits = scores_to_logits(self.last_scores).astype(np.float32)  # (B, Q, K)
         return torch.from_numpy(logits), torch.from_numpy(np.concatenate(pts))
-
-
-class RecordingPredictor:
-    """Wraps a predictor and keeps what it returned: scores (sigmoid of the logits) and points, per batch.
-
-    Used to compare two models on exactly the inputs the metric saw (:func:`output_agreement`).
-    """
-
-    def __init__(self, predictor) -> None:
-        self.predictor = predictor
-        self.scores: list[np.ndarray] = []  # per batch (B, Q, K)
-        self.pts: list[np.ndarray] = []  # per batch (B, Q, P, 2)
-
-    def __call__(self, img: Tensor, lidar2img: Tensor) -> tuple[Tensor, Tensor]:
-        logits, pts = self.predictor(img, lidar2img)
-        self.scores.append(torch.sigmoid(logits.double()).numpy())
-        self.pts.append(pts.double().numpy())
-        return logits, pts
-
-    def outputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """All recorded outputs: scores (N, Q, K), pts (N, Q, P, 2), in call order."""
-        return np.concatenate(self.scores), np.concatenate(self.pts)
-
-
-def output_agreement(
-    scores: np.ndarray,
-    pts: np.ndarray,
-    ref_scores: np.ndarray,
-    ref_pts: np.ndarray,
-    pc_range: list[float],
-    top_k: int,
-) -> dict[str, float]:
-    """How closely a model (the deployed one) reproduces a reference (the QAT model) on the same inputs.
-
-    Args:
-        scores, ref_scores: (N, Q, K) class probabilities; pts, ref_pts: (N, Q, P, 2) normalized points.
-        pc_range: [x0, y0, z0, x1, y1, z1], to express point differences in meters too.
-        top_k: per sample, the ``top_k`` queries with the highest reference score are compared by class.
-    Returns:
-        scores_max_abs_diff / scores_mean_abs_diff; pts_max_abs_diff / pts_mean_abs_diff (normalized) and
-        pts_max_abs_diff_m / pts_mean_abs_diff_m (Euclidean, meters, all queries) and
-        topk_pts_mean_abs_diff_m (the top-k queries: the ones that become detections); topk_class_agreement:
-        fraction of those top-k queries whose best class (argmax over K) is the same in both; samples.
-    """
-    if scores.shape != ref_scores.shape or pts.shape != ref_pts.shape or scores.shape[:2] != pts.shape[:2]:
-        raise ValueError(
-            f"shape mismatch: scores {scores.shape} vs {ref_scores.shape}, pts {pts.shape} vs {ref_pts.shape}"
-        )
-    num_queries = scores.shape[1]
-    if not 1 <= top_k <= num_queries:
-        raise ValueError(f"top_k must be in [1, {num_queries}], got {top_k}")
-    score_diff = np.abs(scores - ref_scores)  # (N, Q, K)
-    pts_diff = np.abs(pts - ref_pts)  # (N, Q, P, 2)
-    extent = np.array([pc_range[3] - pc_range[0], pc_range[4] - pc_range[1]])  # (2,) meters per unit
-    meters = np.linalg.norm((pts - ref_pts) * extent, axis=-1)  # (N, Q, P)
-    top = np.argsort(-ref_scores.max(axis=2), axis=1, kind="stable")[:, :top_k]  # (N, top_k) query indices
-    same = np.take_along_axis(scores.argmax(axis=2), top, 1) == np.take_along_axis(ref_scores.argmax(axis=2), top, 1)
-    return {
-        "scores_max_abs_diff": float(score_diff.max()),
-        "scores_mean_abs_diff": float(score_diff.mean()),
-        "pts_max_abs_diff": float(pts_diff.max()),
-        "pts_mean_abs_diff": float(pts_diff.mean()),
-        "pts_max_abs_diff_m": float(meters.max()),
-        "pts_mean_abs_diff_m": float(meters.mean()),
-        "topk_pts_mean_abs_diff_m": float(np.take_along_axis(meters, top[:, :, None], 1).mean()),
-        "topk_class_agreement": float(same.mean()),
-        "top_k": top_k,
-        "samples": int(scores.shape[0]),
-    }

@@ -23,49 +23,36 @@ loads at every ORT level (both ops are ORT CPU kernels, not hardware-specific la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from maptr.deploy.onnx_graph import (
+    GraphIndex,
+    GraphPass,
+    attribute,
+    copy_and_index,
+    optional_input,
+    prune_initializers,
+    rebuild_nodes,
+)
 
 _MS_DOMAIN = "com.microsoft"
 # QGemm's inputs (com.microsoft contrib op schema).
 _A, _A_SCALE, _A_ZERO, _B, _B_SCALE, _B_ZERO, _C, _Y_SCALE, _Y_ZERO = range(9)
 
 
-@dataclass
-class QGemmRewrites:
-    """How many of ORT's QGemm nodes moved to which kernel."""
-
-    to_channels_last_conv: int = 0  # uint8 output -> 1x1 QLinearConv on channels-last rows
-    to_matmul_integer_to_float: int = 0  # float output -> MatMulIntegerToFloat + float bias
-
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _input(node: onnx.NodeProto, index: int) -> str:
-    return node.input[index] if len(node.input) > index else ""
-
-
-def _weight_in_k_n(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+def _weight_in_k_n(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | None:
     """QGemm's constant B as (K, N) int8 / uint8, or None when B is computed at run time."""
-    if node.input[_B] not in initializers:
+    weight = index.constant(node.input[_B])
+    if weight is None or weight.ndim != 2:
         return None
-    weight = numpy_helper.to_array(initializers[node.input[_B]])
-    if weight.ndim != 2:
-        return None
-    return np.ascontiguousarray(weight.T) if _attribute(node, "transB", 0) else weight
+    return np.ascontiguousarray(weight.T) if attribute(node, "transB", 0) else weight
 
 
-def _per_channel(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], index: int) -> np.ndarray | None:
-    name = _input(node, index)
-    return numpy_helper.to_array(initializers[name]) if name in initializers else None
+def _per_channel(node: onnx.NodeProto, index: GraphIndex, slot: int) -> np.ndarray | None:
+    """The constant value of QGemm's input ``slot`` (a scale, zero point or bias), None if not a constant."""
+    return index.constant(optional_input(node, slot))
 
 
 def _conv_nodes(
@@ -82,7 +69,7 @@ def _conv_nodes(
         f"{base}_pixels", node.input[_A_SCALE], node.input[_A_ZERO], f"{base}_weight", node.input[_B_SCALE],
         node.input[_B_ZERO], node.input[_Y_SCALE], node.input[_Y_ZERO],
     ]  # fmt: skip
-    if _input(node, _C):
+    if optional_input(node, _C):
         conv_inputs.append(node.input[_C])  # int32 bias, added in the requantization stage
     nodes = [
         helper.make_node("Reshape", [node.input[_A], f"{base}_rows_as_pixels"], [f"{base}_pixels"],
@@ -98,11 +85,11 @@ def _conv_nodes(
 
 
 def _matmul_to_float_nodes(
-    node: onnx.NodeProto, weight: np.ndarray, initializers: dict[str, onnx.TensorProto], base: str
+    node: onnx.NodeProto, weight: np.ndarray, index: GraphIndex, base: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
     """Float-output QGemm as MatMulIntegerToFloat with the int32 bias turned float (see the module doc)."""
-    a_scale = _per_channel(node, initializers, _A_SCALE)
-    b_scale = _per_channel(node, initializers, _B_SCALE)
+    a_scale = _per_channel(node, index, _A_SCALE)
+    b_scale = _per_channel(node, index, _B_SCALE)
     if a_scale is None or b_scale is None:
         return None
     new = [numpy_helper.from_array(weight, f"{base}_weight")]  # (K, N)
@@ -110,8 +97,8 @@ def _matmul_to_float_nodes(
         node.input[_A], f"{base}_weight", node.input[_A_SCALE], node.input[_B_SCALE], node.input[_A_ZERO],
         node.input[_B_ZERO],
     ]  # fmt: skip
-    if _input(node, _C):
-        bias = _per_channel(node, initializers, _C)
+    if optional_input(node, _C):
+        bias = _per_channel(node, index, _C)
         if bias is None or bias.ndim != 1 or bias.shape[0] != weight.shape[1]:
             return None
         # QGemm's own output scale, computed as it computes it: (alpha * s_x) * s_w[n], alpha = 1.
@@ -124,54 +111,47 @@ def _matmul_to_float_nodes(
     return [matmul], new
 
 
-def move_qgemm_to_faster_kernels(model: onnx.ModelProto) -> tuple[onnx.ModelProto, QGemmRewrites]:
+def move_qgemm_to_faster_kernels(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` (ORT's optimized graph) with its QGemm nodes on faster kernels (see the module doc).
 
     Rewritten: QGemm with alpha = 1, A not transposed, a constant 2-D weight, a 1-D int32 bias or none,
     and weight zero points all equal (QLinearConv's requirement). Others are left as they are.
 
     Returns:
-        the new model and how many QGemm nodes went to each kernel.
+        the new model and how many QGemm nodes moved (a uint8 output to ``QLinearConv``, a float one to
+        ``MatMulIntegerToFloat``).
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = {init.name: init for init in graph.initializer}
-    report = QGemmRewrites()
-    nodes: list[onnx.NodeProto] = []
+    rewritten: dict[str, list[onnx.NodeProto]] = {}  # QGemm output -> the nodes computing it instead
     new_initializers: list[onnx.TensorProto] = []
     for node in graph.node:
-        weight = _weight_in_k_n(node, initializers) if node.op_type == "QGemm" and node.domain == _MS_DOMAIN else None
-        zero = _per_channel(node, initializers, _B_ZERO) if weight is not None else None
+        weight = _weight_in_k_n(node, index) if node.op_type == "QGemm" and node.domain == _MS_DOMAIN else None
+        zero = _per_channel(node, index, _B_ZERO) if weight is not None else None
         eligible = (
             weight is not None and zero is not None and np.all(zero == zero.reshape(-1)[0])
-            and _attribute(node, "alpha", 1.0) == 1.0 and not _attribute(node, "transA", 0)
+            and attribute(node, "alpha", 1.0) == 1.0 and not attribute(node, "transA", 0)
         )  # fmt: skip
         if not eligible:
-            nodes.append(node)
             continue
         base = f"{node.name or node.output[0]}_rewritten"
-        if _input(node, _Y_SCALE):
-            bias = _per_channel(node, initializers, _C) if _input(node, _C) else None
-            if _input(node, _C) and (bias is None or bias.shape != (weight.shape[1],)):  # QLinearConv: (N,)
-                nodes.append(node)
+        if optional_input(node, _Y_SCALE):
+            bias = _per_channel(node, index, _C) if optional_input(node, _C) else None
+            if optional_input(node, _C) and (bias is None or bias.shape != (weight.shape[1],)):  # QLinearConv: (N,)
                 continue
             added, inits = _conv_nodes(node, weight, base)
-            report.to_channels_last_conv += 1
         else:
-            rewritten = _matmul_to_float_nodes(node, weight, initializers, base)
-            if rewritten is None:
-                nodes.append(node)
+            moved = _matmul_to_float_nodes(node, weight, index, base)
+            if moved is None:
                 continue
-            added, inits = rewritten
-            report.to_matmul_integer_to_float += 1
-        nodes += added
+            added, inits = moved
+        rewritten[node.output[0]] = added
         new_initializers += inits
-    del graph.node[:]
-    graph.node.extend(nodes)
+    rebuild_nodes(graph, rewritten)
     graph.initializer.extend(new_initializers)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]  # the QGemm weights now unread
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return out, report
+    prune_initializers(graph)  # the QGemm weights now unread
+    return out, len(rewritten)
+
+
+PASS = GraphPass(move_qgemm_to_faster_kernels, counts="QGemm nodes moved to QLinearConv / MatMulIntegerToFloat",
+                 measured_on_ort="1.32.0")  # fmt: skip

@@ -1,5 +1,7 @@
 """ONNX models in MLflow: logged with a signature, the deployed and float models registered in the Model
-Registry as ``maptr-<preset>-deployed`` / ``maptr-<preset>-float``, their versions tagged with the ladder.
+Registry as ``maptr-<preset>-deployed`` / ``maptr-<preset>-float``, their versions tagged with the ladder;
+the ladder itself (float -> calibration -> QAT -> deployed), found by the file digests of
+maptr.training.lineage and written to the group's parent run.
 
 A version is tagged ``onnx_sha256`` (the file's bytes) and ``source_sha256`` (the checkpoint it was
 exported from, for the float model), so that validate, which scores the deployed file, finds both
@@ -14,9 +16,11 @@ from typing import Any
 
 import onnx
 
-from maptr.training.lineage import file_sha256, headline
+from maptr.training.lineage import file_sha256, headline, val_metrics
 
 DEPLOYED, FLOAT = "deployed", "float"
+# the ladder's rows: the stage whose run scores each model, and the row's name
+LADDER = (("float-train", FLOAT), ("calibrate", "calibration"), ("qat", "qat"), ("validate", DEPLOYED))
 
 
 def registered_name(preset: str, kind: str) -> str:
@@ -93,3 +97,61 @@ def tag_ladder_versions(client, rows: dict[str, Any], metrics: dict[str, dict[st
         for key, value in tags.items():
             client.set_model_version_tag(version.name, version.version, key, value)
     return targets
+
+
+# --------------------------------------------------------------------------------------------------
+# The ladder: float -> calibration -> QAT -> deployed, found from the validate run
+# --------------------------------------------------------------------------------------------------
+def _producer(client, experiment_id: str, sha: str, group: str | None):
+    """The FINISHED run that tagged ``sha`` as its model: this group's if any, else the latest."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.model_sha256 = '{sha}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])  # fmt: skip
+    same_group = [r for r in runs if group and r.data.tags.get("maptr.group") == group]
+    return (same_group or runs or [None])[0]
+
+
+def ladder_runs(client, experiment_id: str, validate_run) -> dict[str, Any]:
+    """``{"deployed": run, "qat": run, "calibration": run, "float": run}`` walking ``source_sha256`` back
+    from a validate run; a row whose run is not found is left out."""
+    rows = dict(LADDER)
+    group = validate_run.data.tags.get("maptr.group")
+    found, run = {}, validate_run
+    while run is not None and run.data.tags.get("stage") in rows and rows[run.data.tags["stage"]] not in found:
+        found[rows[run.data.tags["stage"]]] = run
+        source = run.data.tags.get("source_sha256")
+        run = _producer(client, experiment_id, source, group) if source else None
+    return found
+
+
+def ladder_metrics(rows: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The final val metrics of each ladder row, in pipeline order."""
+    order = [row for _, row in LADDER]
+    return {row: val_metrics(rows[row].data.metrics) for row in order if row in rows}
+
+
+def publish_ladder(run) -> None:
+    """From the validate ``run``: the ladder's metrics to the group's parent run (``ladder/<row>/<key>``,
+    one row per group in the runs table) and as tags on the registered deployed and float ONNX versions."""
+    if run.run_id is not None:
+        run.call("ladder", lambda: _publish_ladder(run))
+
+
+def _publish_ladder(run) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    rows = ladder_runs(client, run.experiment_id, client.get_run(run.run_id))
+    metrics = ladder_metrics(rows)
+    if run.parent_id is not None:
+        flat = {f"ladder/{row}/{k}": v for row, values in metrics.items() for k, v in values.items()}
+        client.log_batch(run.parent_id, metrics=_metric_entities(flat))
+    tag_ladder_versions(client, rows, metrics)
+
+
+def _metric_entities(values: dict[str, float]):
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]

@@ -15,19 +15,17 @@ Values are untouched (a ``Reshape`` copies or aliases its input), so the outputs
 from __future__ import annotations
 
 import onnx
-from onnx import numpy_helper
 
-from maptr.deploy.graph_index import producers as graph_producers
+from maptr.deploy.onnx_graph import GraphIndex, GraphPass, copy_and_index, optional_input, prune_value_info, replace_all
 
 # Nodes whose output holds the input's elements in the same order, only with another shape.
 _SHAPE_ONLY = {"Reshape", "Unsqueeze", "Squeeze", "Flatten"}
 
 
-def _constant_shape_without_zeros(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+def _constant_shape_without_zeros(node: onnx.NodeProto, index: GraphIndex) -> bool:
     """True for a ``Reshape`` whose target shape is an initializer with no 0 (copy-this-dimension) entry."""
-    if len(node.input) < 2 or node.input[1] not in initializers:
-        return False
-    return bool((numpy_helper.to_array(initializers[node.input[1]]) != 0).all())
+    shape = index.constant(optional_input(node, 1))
+    return shape is not None and bool((shape != 0).all())
 
 
 def collapse_reshape_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -39,34 +37,29 @@ def collapse_reshape_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     Returns:
         the new model and the number of nodes removed.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = graph_producers(graph)
     for node in graph.node:
-        if node.op_type != "Reshape" or not _constant_shape_without_zeros(node, initializers):
+        if node.op_type != "Reshape" or not _constant_shape_without_zeros(node, index):
             continue
-        producer = producers.get(node.input[0])
+        producer = index.producers.get(node.input[0])
         while producer is not None and producer.op_type in _SHAPE_ONLY and len(producer.output) == 1:
             node.input[0] = producer.input[0]  # same elements, same order: only the count matters
-            producer = producers.get(node.input[0])
+            producer = index.producers.get(node.input[0])
 
-    graph_outputs = {output.name for output in graph.output}
     removed = 0
     changed = True
     while changed:  # removing one node may leave its own producer unread
-        read = {name for node in graph.node for name in node.input} | graph_outputs
+        read = {name for node in graph.node for name in node.input} | index.outputs
         keep = [
             node for node in graph.node
             if not (node.op_type in _SHAPE_ONLY and not any(name in read for name in node.output))
         ]  # fmt: skip
         changed = len(keep) < len(graph.node)
         removed += len(graph.node) - len(keep)
-        del graph.node[:]
-        graph.node.extend(keep)
-    produced = {name for node in graph.node for name in node.output}
-    kept_info = [info for info in graph.value_info if info.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(kept_info)
+        replace_all(graph.node, keep)
+    prune_value_info(graph)
     return out, removed
+
+
+PASS = GraphPass(collapse_reshape_chains, counts="shape-only nodes removed", measured_on_ort="1.32.0")

@@ -20,15 +20,10 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from maptr.deploy.onnx_graph import GraphPass, attribute, copy_model, rebuild_nodes
+
 _MS_DOMAIN = "com.microsoft"
 _DEFAULT_EPSILON = 1e-12  # the contrib op's default, for a node written without the attribute
-
-
-def _epsilon(node: onnx.NodeProto) -> float:
-    for attribute in node.attribute:
-        if attribute.name == "epsilon":
-            return float(helper.get_attribute_value(attribute))
-    return _DEFAULT_EPSILON
 
 
 def split_skip_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -46,25 +41,24 @@ def split_skip_layer_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
     if opset < 17:
         raise ValueError(f"LayerNormalization needs opset >= 17; this model imports opset {opset}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes: list[onnx.NodeProto] = []
-    split = 0
+    out = copy_model(model)
+    split: dict[str, list[onnx.NodeProto]] = {}  # the fused node's output -> Sum, LayerNormalization
     for node in out.graph.node:
         outputs = list(node.output) + [""] * (4 - len(node.output))
         if node.op_type != "SkipLayerNormalization" or node.domain != _MS_DOMAIN or any(outputs[1:3]):
-            nodes.append(node)
             continue
         inputs = list(node.input) + [""] * (5 - len(node.input))
         data, skip, gamma, beta, bias = inputs[:5]
         # The fused node's sum output, when a later node reads it; otherwise a fresh name.
         total = outputs[3] or f"{node.output[0]}_skip_sum"
-        nodes.append(helper.make_node("Sum", [data, skip] + ([bias] if bias else []), [total], name=f"{node.name}_sum"))
+        total_node = helper.make_node("Sum", [data, skip] + ([bias] if bias else []), [total], name=f"{node.name}_sum")
         norm_inputs = [total, gamma] + ([beta] if beta else [])
         norm = helper.make_node("LayerNormalization", norm_inputs, [node.output[0]], name=f"{node.name}_norm")
-        norm.attribute.extend([helper.make_attribute("axis", -1), helper.make_attribute("epsilon", _epsilon(node))])
-        nodes.append(norm)
-        split += 1
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out, split
+        epsilon = float(attribute(node, "epsilon", _DEFAULT_EPSILON))
+        norm.attribute.extend([helper.make_attribute("axis", -1), helper.make_attribute("epsilon", epsilon)])
+        split[node.output[0]] = [total_node, norm]
+    rebuild_nodes(out.graph, split)
+    return out, len(split)
+
+
+PASS = GraphPass(split_skip_layer_norms, counts="SkipLayerNormalization nodes split", measured_on_ort="1.32.0")

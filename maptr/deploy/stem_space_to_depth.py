@@ -24,24 +24,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from maptr.deploy.graph_index import producers as graph_producers
+from maptr.deploy.onnx_graph import (
+    GraphPass,
+    attribute,
+    copy_and_index,
+    prune_initializers,
+    rebuild_nodes,
+    tensor_shapes,
+)
 
 _SYM_CHANNEL_ALIGNMENT = 4  # MLAS ConvSym's KernelInputChannelAlignment on x86
-
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _static_shape(model: onnx.ModelProto, name: str) -> list[int] | None:
-    for info in [*model.graph.value_info, *model.graph.input]:
-        if info.name == name:
-            dims = info.type.tensor_type.shape.dim
-            return [d.dim_value for d in dims] if all(d.HasField("dim_value") for d in dims) else None
-    return None
 
 
 def space_to_depth_weight(weight: np.ndarray) -> np.ndarray:
@@ -65,45 +57,39 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Returns:
         the new model and the number of convolutions rewritten.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inferred = onnx.shape_inference.infer_shapes(out)
+    out, index = copy_and_index(model)
     graph = out.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = graph_producers(graph)
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    shapes = tensor_shapes(out)
 
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    dropped: set[str] = set()  # outputs of the DQ nodes the rewritten convolutions no longer read
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # a Conv's output -> the nodes replacing it; [] drops a DQ
     new_initializers: list[onnx.TensorProto] = []
-    for index, conv in enumerate(graph.node):
+    convs = 0
+    for conv in graph.node:
         if conv.op_type != "Conv":
             continue
-        x_dq, w_dq = producers.get(conv.input[0]), producers.get(conv.input[1])
+        x_dq, w_dq = index.producers.get(conv.input[0]), index.producers.get(conv.input[1])
         if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue
-        if readers.get(x_dq.output[0], 0) != 1 or len(x_dq.input) < 3 or x_dq.input[0] in initializers:
+        if len(index.readers[x_dq.output[0]]) != 1 or len(x_dq.input) < 3 or x_dq.input[0] in index.initializers:
             continue
-        if w_dq.input[0] not in initializers or x_dq.input[2] not in initializers:
+        weight, zero_point = index.constant(w_dq.input[0]), index.constant(x_dq.input[2])
+        if weight is None or zero_point is None:
             continue
-        weight = numpy_helper.to_array(initializers[w_dq.input[0]])
-        zero_point = numpy_helper.to_array(initializers[x_dq.input[2]])
-        shape = _static_shape(inferred, conv.input[0])
+        shape = shapes.get(conv.input[0])
         if weight.dtype != np.int8 or weight.ndim != 4 or zero_point.dtype != np.uint8 or zero_point.size != 1:
             continue
-        if shape is None or len(shape) != 4 or weight.shape[1] % _SYM_CHANNEL_ALIGNMENT == 0:
+        if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+            continue  # the block convolution's padding needs the input's size
+        if weight.shape[1] % _SYM_CHANNEL_ALIGNMENT == 0:
             continue
         if (
-            _attribute(conv, "group", 1) != 1
-            or list(_attribute(conv, "strides", [1, 1])) != [2, 2]
-            or list(_attribute(conv, "dilations", [1, 1])) != [1, 1]
-            or _attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            attribute(conv, "group", 1) != 1
+            or list(attribute(conv, "strides", [1, 1])) != [2, 2]
+            or list(attribute(conv, "dilations", [1, 1])) != [1, 1]
+            or attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
         ):
             continue
-        top, left, bottom, right = _attribute(conv, "pads", [0, 0, 0, 0])
+        top, left, bottom, right = attribute(conv, "pads", [0, 0, 0, 0])
         kh, kw = weight.shape[2:]
         out_h, out_w = (shape[2] + top + bottom - kh) // 2 + 1, (shape[3] + left + right - kw) // 2 + 1
         # An odd top / left pad puts the padded grid's 2x2 blocks on odd input rows / columns: one
@@ -124,42 +110,39 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         new_initializers.append(numpy_helper.from_array(block_weight, f"{base}_weight"))
         weight_inputs = [f"{base}_weight", *w_dq.input[1:]]
         conv_attributes = {"kernel_shape": [bh, bw], "strides": [1, 1], "pads": block_pads, "group": 1}
-        dropped.add(x_dq.output[0])
-        if readers.get(w_dq.output[0], 0) == 1:
-            dropped.add(w_dq.output[0])
+        replaced[x_dq.output[0]] = []  # the Conv read it alone
+        if len(index.readers[w_dq.output[0]]) == 1:
+            replaced[w_dq.output[0]] = []
         blocks_input = x_dq.input[0]
-        replaced[index] = []
+        block_conv: list[onnx.NodeProto] = []
         if extra_h or extra_w:
             pads = np.array([0, 0, 0, 0, 0, 0, extra_h, extra_w], np.int64)
             new_initializers.append(numpy_helper.from_array(pads, f"{base}_pads"))
             # Padding the uint8 tensor with its zero point is padding the real tensor with 0.
             pad_inputs = [blocks_input, f"{base}_pads", x_dq.input[2]]
             pad = helper.make_node("Pad", pad_inputs, [f"{base}_padded"], mode="constant", name=f"{base}_pad")
-            replaced[index].append(pad)
+            block_conv.append(pad)
             blocks_input = f"{base}_padded"
-        replaced[index] += [
+        replaced[conv.output[0]] = block_conv + [
             helper.make_node("SpaceToDepth", [blocks_input], [f"{base}_blocks"], blocksize=2),
             helper.make_node(
                 "DequantizeLinear", [f"{base}_blocks", *x_dq.input[1:]], [f"{base}_x"], name=f"{base}_x_dq"
             ),
             helper.make_node(
-                "DequantizeLinear", weight_inputs, [f"{base}_w"], name=f"{base}_w_dq", axis=_attribute(w_dq, "axis", 1)
+                "DequantizeLinear", weight_inputs, [f"{base}_w"], name=f"{base}_w_dq", axis=attribute(w_dq, "axis", 1)
             ),
             helper.make_node(
                 "Conv", [f"{base}_x", f"{base}_w", *conv.input[2:]], list(conv.output), name=base, **conv_attributes
             ),  # fmt: skip
         ]
-    if not replaced:
-        return out, 0
-    nodes = []
-    for index, node in enumerate(graph.node):
-        if node.output[0] not in dropped:
-            nodes.extend(replaced.get(index, [node]))
-    del graph.node[:]
-    graph.node.extend(nodes)
+        convs += 1
+    if not convs:
+        return out, 0  # as it was, initializers included
+    rebuild_nodes(graph, replaced)
     graph.initializer.extend(new_initializers)
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name in read]  # the old weight, if nothing else reads it
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return out, len(replaced)
+    prune_initializers(graph)  # the old weight, if nothing else reads it
+    return out, convs
+
+
+PASS = GraphPass(space_to_depth_stem, counts="stride-2 integer convolutions rewritten over 2x2 blocks",
+                 measured_on_ort="1.32.0")  # fmt: skip

@@ -10,6 +10,8 @@ logged and returned, never silently dropped.
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from maptr.config import ModelConfig
+from maptr.config import ModelConfig, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,14 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> WeightLoadRep
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights {path} not found (model.pretrained in params.yaml)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ParamsError(
+            f"{path}: model.pretrained is not a weights file that loads with weights_only=True ({first}); "
+            "give a torchvision ResNet state_dict or a maptr checkpoint (arbitrary pickles are never run)"
+        ) from None
     if isinstance(blob, dict) and isinstance(blob.get("model"), dict):
         # A project checkpoint: keep the backbone's entries, keyed by torchvision names.
         state = {k[len("backbone.") :]: v for k, v in blob["model"].items() if k.startswith("backbone.")}
@@ -104,7 +113,7 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> WeightLoadRep
     elif isinstance(blob, dict):
         state = dict(blob)
     else:
-        raise ValueError(f"{path}: expected a state_dict or a checkpoint dict, got {type(blob).__name__}")
+        raise ParamsError(f"{path}: model.pretrained: expected a state_dict or a checkpoint dict, got {type(blob).__name__}")
 
     report = WeightLoadReport(path=str(path))
     own = backbone.state_dict()

@@ -134,7 +134,8 @@ class SpatialCrossAttention(nn.Module):
         attended = attn.output_proj(attended)  # (K, C)
 
         summed = query.new_zeros(batch * num_query, channels)
-        summed = summed.index_add(0, pair_batch * num_query + pair_query, attended)  # (B*Lq, C)
+        # Under bf16 autocast the projection is bf16; the sum over cameras stays in the query's dtype.
+        summed = summed.index_add(0, pair_batch * num_query + pair_query, attended.to(summed.dtype))  # (B*Lq, C)
         count = visible.sum(dim=1).clamp(min=1.0)  # (B, Lq); unseen cells stay 0
         return summed.view(batch, num_query, channels) / count.unsqueeze(-1)  # (B, Lq, C)
 

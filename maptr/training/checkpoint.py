@@ -23,9 +23,20 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """torch.save into a temporary file, then rename: a killed save never leaves a truncated checkpoint."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save into a temporary file, then rename: a killed save never leaves a truncated checkpoint.
+
+    Saved through a Python file object: a full disk then raises OSError(ENOSPC), which names the path as
+    an OutputError, where torch's own path writer only says "unexpected pos"."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+
+
+def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors (parameters and buffers alike) holding NaN or inf."""
+    return [
+        name for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]  # fmt: skip
 
 
 def load_checkpoint(path: str | Path, expect_preset: str | None = None) -> dict[str, Any]:

@@ -5,8 +5,8 @@ keys, the models they score by file digest, the packed dataset as an MLflow data
   ``AP_<class>_<threshold>`` with no step (the training stages' per-epoch history is ``epoch/...``).
 * Lineage: the run that scores a model file tags it ``model_sha256`` and the file it was made from
   ``source_sha256`` (validate: deployed ONNX <- QAT checkpoint <- calibration checkpoint <- float
-  checkpoint). :func:`ladder_runs` walks that chain back from a validate run, so the ladder is found also
-  when DVC restored some stages from its cache (no run in this group: the run that made those bytes).
+  checkpoint). maptr.deploy.registry walks that chain back from a validate run, so the ladder is found
+  also when DVC restored some stages from its cache (no run in this group: the run that made those bytes).
 * Dataset: ``data/packed`` as an MLflow dataset whose digest is DVC's hash of the folder (the ``md5`` of
   its ``dvc.lock`` entry, ``<md5>.dir``) and whose profile holds the sample counts.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 VAL_PREFIXES = ("mAP", "AP_")
-LADDER = (("float-train", "float"), ("calibrate", "calibration"), ("qat", "qat"), ("validate", "deployed"))
 CHUNK = 1 << 20
 
 
@@ -52,7 +51,7 @@ def file_sha256(path: str | Path) -> str:
 def log_val_metrics(run, metrics: dict[str, Any], model: str | Path | None = None,
                     source: str | Path | None = None) -> None:  # fmt: skip
     """Log a stage's final val metrics under the shared keys; tag the scored ``model`` file and the
-    ``source`` it was made from by sha256 (the lineage :func:`ladder_runs` follows)."""
+    ``source`` it was made from by sha256 (the lineage the ladder follows)."""
     run.log_metrics(val_metrics(metrics))
     tags = {name: file_sha256(path) for name, path in (("model_sha256", model), ("source_sha256", source))
             if path is not None and Path(path).is_file()}  # fmt: skip
@@ -87,63 +86,6 @@ def log_dataset(run, folder: str | Path, context: str):
     from maptr.training.mlflow_dataset import PackedDataset
 
     dataset = PackedDataset(folder, dvc_dir_md5(folder))
-    mlflow.log_input(dataset, context=context)  # the stage's run is this process's active run
+    # the stage's run is this process's active run; through the run's queue, like every tracking call
+    run.call(f"dataset ({folder})", lambda: mlflow.log_input(dataset, context=context))
     return dataset
-
-
-# --------------------------------------------------------------------------------------------------
-# The ladder: float -> calibration -> QAT -> deployed
-# --------------------------------------------------------------------------------------------------
-def _producer(client, experiment_id: str, sha: str, group: str | None):
-    """The FINISHED run that tagged ``sha`` as its model: this group's if any, else the latest."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.model_sha256 = '{sha}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])  # fmt: skip
-    same_group = [r for r in runs if group and r.data.tags.get("maptr.group") == group]
-    return (same_group or runs or [None])[0]
-
-
-def ladder_runs(client, experiment_id: str, validate_run) -> dict[str, Any]:
-    """``{"deployed": run, "qat": run, "calibration": run, "float": run}`` walking ``source_sha256`` back
-    from a validate run; a row whose run is not found is left out."""
-    rows = dict(LADDER)
-    group = validate_run.data.tags.get("maptr.group")
-    found, run = {}, validate_run
-    while run is not None and run.data.tags.get("stage") in rows and rows[run.data.tags["stage"]] not in found:
-        found[rows[run.data.tags["stage"]]] = run
-        source = run.data.tags.get("source_sha256")
-        run = _producer(client, experiment_id, source, group) if source else None
-    return found
-
-
-def ladder_metrics(rows: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """The final val metrics of each ladder row, in pipeline order."""
-    order = [row for _, row in LADDER]
-    return {row: val_metrics(rows[row].data.metrics) for row in order if row in rows}
-
-
-def publish_ladder(run) -> dict[str, dict[str, float]]:
-    """From the validate ``run``: the ladder's metrics to the group's parent run (``ladder/<row>/<key>``,
-    one row per group in the runs table) and as tags on the registered deployed and float ONNX versions."""
-    if run.run_id is None:
-        return {}
-    import mlflow
-
-    from maptr.deploy import registry
-
-    client = mlflow.MlflowClient()
-    rows = ladder_runs(client, run.experiment_id, client.get_run(run.run_id))
-    metrics = ladder_metrics(rows)
-    if run.parent_id is not None:
-        flat = {f"ladder/{row}/{k}": v for row, values in metrics.items() for k, v in values.items()}
-        client.log_batch(run.parent_id, metrics=_metric_entities(flat))
-    registry.tag_ladder_versions(client, rows, metrics)
-    return metrics
-
-
-def _metric_entities(values: dict[str, float]):
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in values.items()]

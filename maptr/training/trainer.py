@@ -4,6 +4,10 @@ Resume is exact: the "last" checkpoint (written every ``ckpt_every_steps`` optim
 of every epoch) holds the model, optimizer, scheduler, epoch, position inside the epoch and the torch RNG.
 The data order comes from a per-epoch seeded sampler and every sample's augmentation from its own seeded
 generator, so a resumed run sees the same batches and ends with the same metrics as an uninterrupted one.
+
+The best epoch's checkpoint is kept in memory and inside every resume checkpoint, and written to its final
+path only when the run ends: a killed run leaves no best file that looks finished, and a resumed run
+writes it even when DVC deleted it before the rerun and no later epoch beats it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from tqdm import tqdm
 
 from maptr.config import TrainConfig
 from maptr.data.dataset import PackedMapDataset, collate
-from maptr.training.checkpoint import load_checkpoint, save_checkpoint
+from maptr.training.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, save_checkpoint
+from maptr.training.device import autocast, autocast_dtype, float_outputs
 from maptr.training.distributed import DistContext, barrier, mean_across_ranks
 from maptr.training.schedule import build_scheduler
 from maptr.training.tracking import StageRun
@@ -121,6 +126,8 @@ class Trainer:
         if ctx.distributed and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
+        # bf16 autocast of the forward (float.bf16, CUDA only); the GPU check's --cpu-smoke sets it on a CPU
+        self.autocast_dtype = autocast_dtype(ctx.device, cfg.bf16)
         self.ddp = DistributedDataParallel(model, find_unused_parameters=False) if ctx.distributed else None
         self.sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, cfg.seed)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
@@ -136,6 +143,7 @@ class Trainer:
             min_lr_ratio=cfg.min_lr_ratio,
         )
         self.state = TrainState()
+        self.best_payload: dict[str, Any] | None = None  # the best epoch's checkpoint (main rank only)
 
     # ----------------------------------------------------------------------------------------------
     def resume(self) -> str:
@@ -150,6 +158,9 @@ class Trainer:
             return f"{self.last_path} is from another run (params or data changed): starting afresh"
         if ckpt["train_state"]["epoch"] >= self.cfg.epochs:
             return f"{self.last_path} is a finished run: starting afresh (deterministic, same result)"
+        if ckpt["train_state"]["history"] and not isinstance(ckpt.get("best_checkpoint"), dict):
+            return f"{self.last_path} holds no best weights (an older format): starting afresh"
+        self.best_payload = ckpt.get("best_checkpoint")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -157,11 +168,22 @@ class Trainer:
         self.state = TrainState(**ckpt["train_state"])
         return f"resumed from {self.last_path} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
 
-    def _checkpoint(self, path: Path, with_optimizer: bool, metrics: dict[str, float] | None = None) -> None:
-        if not self.ctx.is_main:
-            return
+    def _payload(self, with_optimizer: bool, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        """A checkpoint of the current state, its tensors copied (it may be kept while training goes on).
+
+        Raises TrainingDiverged when a parameter or buffer is NaN / inf (a BatchNorm running variance can
+        overflow while the loss is still finite): such a model is never saved, so what is on disk stays good.
+        """
+        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        bad = nonfinite_tensors(model)
+        if bad:
+            raise TrainingDiverged(
+                f"{self.stage}: {', '.join(bad[:3])} hold NaN / inf at epoch {self.state.epoch} step "
+                f"{self.state.global_step} (the loss was still finite); nothing was saved. Lower {self.stage}.lr "
+                f"or check the data. {self._resume_note()}"
+            )
         state: dict[str, Any] = {
-            "model": self.model.state_dict(),
+            "model": model,
             "stage": self.stage,
             "preset": self.preset,
             "fingerprint": self.fingerprint,
@@ -172,7 +194,38 @@ class Trainer:
         if with_optimizer:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
             state["rng"] = torch.get_rng_state()
-        save_checkpoint(path, state)
+        return state
+
+    def _save_resume_checkpoint(self) -> None:
+        """The resume checkpoint, carrying the best epoch's checkpoint so that a resumed run can write it."""
+        if self.ctx.is_main:
+            state = self._payload(with_optimizer=True)
+            save_checkpoint(self.last_path, {**state, "best_checkpoint": self.best_payload})
+
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        """Remember this epoch as the best one (written to ``best_path`` when the run ends)."""
+        if self.ctx.is_main:
+            self.best_payload = self._payload(with_optimizer=False, metrics=metrics)
+
+    def _write_best(self) -> None:
+        if self.ctx.is_main and self.best_payload is not None:
+            save_checkpoint(self.best_path, self.best_payload)
+
+    def _resume_note(self) -> str:
+        """What the resume checkpoint is worth after a divergence: only a file whose every tensor is finite
+        is called good."""
+        if not self.last_path.is_file():
+            return f"No resume checkpoint was written yet ({self.last_path})."
+        try:
+            ckpt = load_checkpoint(self.last_path)
+        except CheckpointError as exc:
+            return f"The resume checkpoint is not usable either: {exc}."
+        bad = nonfinite_tensors(ckpt["model"])
+        if bad:
+            return (f"{self.last_path} holds NaN / inf too ({', '.join(bad[:3])}): it is not a good checkpoint; "
+                    "delete it and start afresh.")  # fmt: skip
+        step = ckpt.get("train_state", {}).get("global_step")
+        return f"The last good checkpoint is {self.last_path} (step {step}, every tensor finite)."
 
     # ----------------------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
@@ -187,6 +240,7 @@ class Trainer:
             collate_fn=collate,
             drop_last=True,
             persistent_workers=False,
+            pin_memory=self.ctx.device.type == "cuda",  # page-locked batches: the non_blocking copies overlap
             # worker seeds from a per-epoch generator, never from the global RNG that dropout uses
             generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch),
         )
@@ -195,16 +249,15 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         net = self.ddp or self.model
         batch = _to_device(batch, ctx.device)
-        use_bf16 = cfg.bf16 and ctx.device.type == "cuda"
-        with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(ctx.device, self.autocast_dtype):
             outputs = net(batch["img"], batch["lidar2img"])
-        losses = self.criterion(outputs, batch)
+        losses = self.criterion(float_outputs(outputs), batch)  # losses and matching in float32
         total = self.criterion.total_loss(losses)
         if not torch.isfinite(total):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise TrainingDiverged(
                 f"{self.stage}: loss is {total.item()} at epoch {self.state.epoch} step {self.state.global_step} "
-                f"({parts}); lower {self.stage}.lr or check the data. The last good checkpoint is {self.last_path}"
+                f"({parts}); lower {self.stage}.lr or check the data. {self._resume_note()}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -243,26 +296,29 @@ class Trainer:
                     self.tracker.log_metrics({f"train/{k}": v for k, v in logs.items()} | {"lr": lr},
                                              step=self.state.global_step)  # fmt: skip
                 if cfg.ckpt_every_steps and self.state.global_step % cfg.ckpt_every_steps == 0:
-                    self._checkpoint(self.last_path, with_optimizer=True)
+                    self._save_resume_checkpoint()
             bar.close()
             seconds = time.perf_counter() - start
             self.model.eval()
             metrics = self.validate(self.model)
             mean_loss = self.state.epoch_loss_sum / max(self.state.step_in_epoch, 1)
             train_loss = mean_across_ranks({"loss": mean_loss}, ctx)["loss"]
-            record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss,
-                      "epoch_seconds": seconds, **metrics}  # fmt: skip
+            # No wall-clock figure in the history: it goes into every checkpoint and the DVC-tracked curve,
+            # and must not change their bytes between two runs of the same inputs (MLflow gets the time).
+            record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss, **metrics}
             self.state.history.append(record)
-            # per-epoch history: step = epoch, a prefix apart from the final val metrics (mAP, AP_...)
-            self.tracker.log_metrics({f"epoch/{k}": v for k, v in metrics.items()} | {"epoch/train_loss": train_loss},
+            # per-epoch history: step = epoch, under a prefix apart from the final val metrics (mAP, AP_...)
+            self.tracker.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}
+                                     | {"epoch/train_loss": train_loss, "epoch/seconds": seconds},
                                      step=epoch + 1)  # fmt: skip
             if ctx.is_main:
                 tqdm.write(f"{self.stage} epoch {epoch + 1}: val mAP {metrics['mAP']:.4f}, loss {train_loss:.3f}, "
                            f"{seconds:.0f} s")  # fmt: skip
             if metrics["mAP"] > self.state.best or math.isnan(self.state.best):
                 self.state.best = metrics["mAP"]
-                self._checkpoint(self.best_path, with_optimizer=False, metrics=metrics)
+                self._keep_best(metrics)
             self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
-            self._checkpoint(self.last_path, with_optimizer=True)
+            self._save_resume_checkpoint()
             barrier(ctx)
+        self._write_best()
         return self.state

@@ -1,12 +1,13 @@
-"""Convolution outputs flattened to tokens channels-last (maptr/deploy/conv_output_layout.py)."""
+"""Pass 8, ``flatten_conv_outputs_channels_last`` (maptr/deploy/conv_output_layout.py): a convolution's output
+flattened to tokens channels-last, the same bytes, and ORT drops both transposes at load."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+from ort_graphs import make_model, op_types, session, value
 
 from maptr.deploy.conv_output_layout import flatten_conv_outputs_channels_last
 
@@ -14,16 +15,13 @@ from maptr.deploy.conv_output_layout import flatten_conv_outputs_channels_last
 def _conv_tokens_model(target: list[int], second_reader: str = "") -> onnx.ModelProto:
     """uint8 (2, 4, 3, 5) -> QLinearConv 3x3 to 6 channels -> Reshape(target) -> Transpose(0, 2, 1)."""
     rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(np.float32(0.05), "x_scale"),
-        numpy_helper.from_array(np.uint8(100), "x_zero"),
-        numpy_helper.from_array(rng.integers(-60, 60, (6, 4, 3, 3)).astype(np.int8), "w"),
-        numpy_helper.from_array(rng.uniform(0.01, 0.02, 6).astype(np.float32), "w_scale"),
-        numpy_helper.from_array(np.zeros(6, np.int8), "w_zero"),
-        numpy_helper.from_array(np.float32(0.1), "y_scale"),
-        numpy_helper.from_array(np.uint8(90), "y_zero"),
-        numpy_helper.from_array(np.array(target, np.int64), "tokens"),
-    ]
+    inits = {
+        "x_scale": np.float32(0.05), "x_zero": np.uint8(100),
+        "w": rng.integers(-60, 60, (6, 4, 3, 3)).astype(np.int8),
+        "w_scale": rng.uniform(0.01, 0.02, 6).astype(np.float32),
+        "w_zero": np.zeros(6, np.int8), "y_scale": np.float32(0.1), "y_zero": np.uint8(90),
+        "tokens": np.array(target, np.int64),
+    }  # fmt: skip
     nodes = [
         helper.make_node(
             "QLinearConv",
@@ -36,28 +34,20 @@ def _conv_tokens_model(target: list[int], second_reader: str = "") -> onnx.Model
         helper.make_node("Reshape", ["map", "tokens"], ["flat"], name="flatten"),
         helper.make_node("Transpose", ["flat"], ["y"], name="to_tokens", perm=[0, 2, 1]),
     ]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 15, 6])]
+    outputs = [value("y", [2, 15, 6], TensorProto.UINT8)]
     if second_reader == "identity":
         nodes.append(helper.make_node("Identity", ["flat"], ["flat_copy"]))
-        outputs.append(helper.make_tensor_value_info("flat_copy", TensorProto.UINT8, [2, 6, 15]))
+        outputs.append(value("flat_copy", [2, 6, 15], TensorProto.UINT8))
     elif second_reader == "graph output":
-        outputs.append(helper.make_tensor_value_info("flat", TensorProto.UINT8, [2, 6, 15]))
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [2, 4, 3, 5])], outputs, inits
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        outputs.append(value("flat", [2, 6, 15], TensorProto.UINT8))
+    return make_model(nodes, [value("x", [2, 4, 3, 5], TensorProto.UINT8)], outputs, inits)
 
 
 def _run_all(model: onnx.ModelProto, x: np.ndarray, tmp_path, name: str) -> tuple[list[np.ndarray], list[str]]:
     """Outputs and node types of ``model`` as ORT runs it at level ``all`` (channels-last convolutions)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"x": x})
-    return outputs, [node.op_type for node in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+    path = tmp_path / f"{name}.onnx"
+    outputs = session(model, "all", saved=path).run(None, {"x": x})
+    return outputs, op_types(onnx.load(str(path)))
 
 
 @pytest.mark.parametrize("target", [[2, 6, 15], [-1, 6, 15], [2, 6, -1]])
@@ -86,4 +76,4 @@ def test_other_reshapes_are_left_alone(target, second_reader):
     model = _conv_tokens_model(target, second_reader)
     rewritten, count = flatten_conv_outputs_channels_last(model)
     assert count == 0
-    assert [n.op_type for n in rewritten.graph.node] == [n.op_type for n in model.graph.node]
+    assert op_types(rewritten) == op_types(model)

@@ -1,12 +1,13 @@
-"""ORT's QGemm nodes moved to faster kernels (maptr.deploy.qgemm_kernels), on hand-made graphs: the uint8
-outputs must stay bit-identical, the float outputs within float rounding, and ineligible nodes untouched."""
+"""Pass 6, ``move_qgemm_to_faster_kernels`` (maptr/deploy/qgemm_kernels.py): ORT's QGemm nodes moved to
+faster kernels; uint8 outputs stay bit-identical, float outputs within float rounding, ineligible nodes
+untouched."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from ort_graphs import WITH_CONTRIB, make_model, run, value
 
 from maptr.deploy.qgemm_kernels import move_qgemm_to_faster_kernels
 
@@ -35,40 +36,30 @@ def _qgemm_model(alpha: float = 1.0, equal_weight_zero_points: bool = True, bias
                          transB=1, alpha=alpha),
         helper.make_node("QGemm", [*common, "w", "w_scale", "w_zero"], ["f"], domain="com.microsoft", alpha=alpha),
     ]  # fmt: skip
-    outputs = [helper.make_tensor_value_info(name, TensorProto.UINT8, [M, N]) for name in ("u8_bias", "u8")]
-    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, [M, N]) for name in ("f_bias", "f")]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [M, K])], outputs,
-        [numpy_helper.from_array(v, k) for k, v in init.items()],
-    )  # fmt: skip
-    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets)
+    outputs = [value(name, [M, N], TensorProto.UINT8) for name in ("u8_bias", "u8")]
+    outputs += [value(name, [M, N]) for name in ("f_bias", "f")]
+    return make_model(nodes, [value("x", [M, K], TensorProto.UINT8)], outputs, init, WITH_CONTRIB)
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, level: ort.GraphOptimizationLevel) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})
+def _kernels(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    return [(node.op_type, node.domain) for node in model.graph.node]
 
 
 def test_qgemm_moves_to_channels_last_conv_and_matmul_integer_to_float():
     model = _qgemm_model()
-    rewritten, report = move_qgemm_to_faster_kernels(model)
+    rewritten, count = move_qgemm_to_faster_kernels(model)
     onnx.checker.check_model(rewritten)
-    assert (report.to_channels_last_conv, report.to_matmul_integer_to_float) == (2, 2)
-    ops = [(node.op_type, node.domain) for node in rewritten.graph.node]
+    assert count == 4
+    ops = _kernels(rewritten)
     assert ("QGemm", "com.microsoft") not in ops
-    assert ops.count(("QLinearConv", "com.microsoft")) == 2
-    assert ops.count(("MatMulIntegerToFloat", "com.microsoft")) == 2
+    assert ops.count(("QLinearConv", "com.microsoft")) == 2  # the uint8 outputs
+    assert ops.count(("MatMulIntegerToFloat", "com.microsoft")) == 2  # the float outputs
     conv = next(node for node in rewritten.graph.node if node.op_type == "QLinearConv")
     assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "channels_last")) == 1
     assert not {"w", "w_t"} & {init.name for init in rewritten.graph.initializer}  # QGemm's weights dropped
-    x = np.random.default_rng(1).integers(0, 256, size=(M, K)).astype(np.uint8)
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        before, after = _run(model, x, level), _run(rewritten, x, level)
+    x = {"x": np.random.default_rng(1).integers(0, 256, size=(M, K)).astype(np.uint8)}
+    for level in ("disabled", "all"):
+        before, after = run(model, x, level), run(rewritten, x, level)
         for name, ref, got in zip(("u8_bias", "u8", "f_bias", "f"), before, after, strict=True):
             assert got.dtype == ref.dtype and got.shape == ref.shape == (M, N), name
         np.testing.assert_array_equal(after[0], before[0])  # requantized the same way: bit-identical
@@ -79,16 +70,19 @@ def test_qgemm_moves_to_channels_last_conv_and_matmul_integer_to_float():
         np.testing.assert_allclose(after[3], before[3], rtol=1e-6, atol=1e-6 * np.abs(before[3]).max())
     # and the float outputs are the exact integer product: (x - z_x) . W * s_x * s_w + b * s_x * s_w
     init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    acc = (x.astype(np.int64) - 121) @ init["w"].astype(np.int64) + init["bias"]
+    acc = (x["x"].astype(np.int64) - 121) @ init["w"].astype(np.int64) + init["bias"]
     np.testing.assert_allclose(after[2], acc * 0.03 * init["w_scale"], rtol=1e-5, atol=1e-4)
 
 
 def test_ineligible_qgemm_nodes_stay():
     for model in (_qgemm_model(alpha=0.5), _qgemm_model(equal_weight_zero_points=False)):
-        rewritten, report = move_qgemm_to_faster_kernels(model)
-        assert (report.to_channels_last_conv, report.to_matmul_integer_to_float) == (0, 0)
+        rewritten, count = move_qgemm_to_faster_kernels(model)
+        assert count == 0
         assert [node.op_type for node in rewritten.graph.node] == ["QGemm"] * 4
     # a bias broadcast from one value: QLinearConv takes one per output channel, so the biased nodes stay
-    rewritten, report = move_qgemm_to_faster_kernels(_qgemm_model(bias_size=1))
-    assert (report.to_channels_last_conv, report.to_matmul_integer_to_float) == (1, 1)  # the two without bias
+    rewritten, count = move_qgemm_to_faster_kernels(_qgemm_model(bias_size=1))
+    ops = _kernels(rewritten)
+    assert count == 2  # the two without bias, one to each kernel
+    assert ops.count(("QLinearConv", "com.microsoft")) == 1
+    assert ops.count(("MatMulIntegerToFloat", "com.microsoft")) == 1
     assert [node.op_type for node in rewritten.graph.node].count("QGemm") == 2
