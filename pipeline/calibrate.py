@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from maptr import cli
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def build_parser():
@@ -27,6 +28,7 @@ def build_parser():
     return p
 
 
+@stage_main
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
@@ -44,14 +46,15 @@ def main() -> None:
     from maptr.quant.calibration import calibrate, calibration_loader
     from maptr.quant.quantizer import QuantConfig, quantize_model
     from maptr.training.checkpoint import load_checkpoint, save_checkpoint
-    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.training.lineage import log_dataset, log_val_metrics
 
     params = load_params(args.params)
     cfg = load_section(params, "calibrate", CalibrateConfig)
     if args.observer:
         cfg.observer = args.observer
     model_cfg = load_model_config(params)
-    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
+    run = open_stage_run("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    log_dataset(run, args.packed, "calibration")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -85,11 +88,11 @@ def main() -> None:
         f"val mAP {metrics['mAP']:.4f} ({calibration_seconds:.0f} s calibration, {seconds:.0f} s in all)"
     )
 
-    with StageRun("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}, fail_fast=False) as run:
-        run.log_metrics({**metrics, "seconds": seconds, "int16_operators": len(int16_ops)})
-        run.set_tags({"int16_operators": ", ".join(int16_ops)[:5000]})
-        run.log_artifact(args.metrics)
-        run.log_artifact(args.out, artifact_path="checkpoints")
+    log_val_metrics(run, metrics, model=args.out, source=args.float_checkpoint)
+    run.log_metrics({"seconds": seconds, "int16_operators": len(int16_ops)})
+    run.set_tags({"int16_operators": ", ".join(int16_ops)[:5000]})
+    run.log_artifact(args.metrics)
+    run.log_artifact(args.out, artifact_path="checkpoints")
 
 
 def sensitive_operators(path: str, params: dict, cfg, preset: str) -> list[str]:

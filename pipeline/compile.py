@@ -20,6 +20,7 @@ import json
 import os
 
 from maptr import cli
+from maptr.training.run_group import open_stage_run, stage_main
 
 # The saved file runs the in-memory compilation's graph with the same kernels: equal up to float rounding.
 # A weight that ORT re-quantized at load time moved the scores by 1e-2.
@@ -47,6 +48,7 @@ def build_parser():
     return p
 
 
+@stage_main
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
@@ -68,11 +70,11 @@ def main() -> None:
     from maptr.deploy.onnx_export import log_onnx_model
     from maptr.deploy.ort_compile import optimize_and_save, outputs_match
     from maptr.deploy.ort_runner import DEPLOYED_LEVEL, check_onnx_readable
-    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.deploy.registry import DEPLOYED, registered_name
 
     params = load_params(args.params)
     cfg = load_section(params, "compile", CompileConfig)  # ranges and the level checked in maptr.config
-    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
+    run = open_stage_run("compile", {"compile": asdict(cfg)}, args.params)
     torch.set_num_threads(1)
     start = time.perf_counter()
     for path in (args.qdq, args.float_model):
@@ -129,20 +131,20 @@ def main() -> None:
         + f"; {time.perf_counter() - start:.0f} s in all"
     )
 
-    with StageRun("compile", {"compile": asdict(cfg)}, fail_fast=False) as run:
-        run.log_metrics({
-            "float/latency_ms_p50": f["latency_ms_p50"], "float/latency_ms_p90": f["latency_ms_p90"],
-            "deployed/latency_ms_p50": d["latency_ms_p50"], "deployed/latency_ms_p90": d["latency_ms_p90"],
-            "deployed/size_mb": d["size_mb"], "deployed/integer_kernels": d["ops"]["integer_kernels"],
-            "deployed/float_kernels": d["ops"]["float_kernels"], "speedup_p50": report["speedup_p50"],
-            "deployed_over_float_paired": report["deployed_over_float_paired"],
-        })  # fmt: skip
-        for threads, row in report["by_threads"].items():
-            run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
-        run.log_metrics({f"passes/{name}": entry["count"] for name, entry in report["passes"].items()})
-        run.log_artifact(args.report)
-        run.log_artifact(args.table)
-        run.call("ONNX model (maptr_deploy)", lambda: log_onnx_model(args.out, "maptr_deploy"))
+    run.log_metrics({
+        "float/latency_ms_p50": f["latency_ms_p50"], "float/latency_ms_p90": f["latency_ms_p90"],
+        "deployed/latency_ms_p50": d["latency_ms_p50"], "deployed/latency_ms_p90": d["latency_ms_p90"],
+        "deployed/size_mb": d["size_mb"], "deployed/integer_kernels": d["ops"]["integer_kernels"],
+        "deployed/float_kernels": d["ops"]["float_kernels"], "speedup_p50": report["speedup_p50"],
+        "deployed_over_float_paired": report["deployed_over_float_paired"],
+    })  # fmt: skip
+    for threads, row in report["by_threads"].items():
+        run.log_metrics({f"threads_{threads}/{key}": value for key, value in row.items()})
+    run.log_metrics({f"passes/{name}": entry["count"] for name, entry in report["passes"].items()})
+    run.log_artifact(args.report)
+    run.log_artifact(args.table)
+    registered = registered_name(params["model"]["preset"], DEPLOYED)
+    run.call("ONNX model (maptr_deploy)", lambda: log_onnx_model(args.out, "maptr_deploy", registered))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from maptr import cli
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def build_parser():
@@ -75,6 +76,7 @@ def export_checkpoint(checkpoint: str, out: str, model_cfg, cfg, quantized: bool
     return figures, exported.seconds
 
 
+@stage_main
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
@@ -86,12 +88,12 @@ def main() -> None:
     from maptr.atomic import write_text_atomic
     from maptr.config import ExportConfig, load_model_config, load_params, load_section
     from maptr.deploy.onnx_export import log_onnx_model
-    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.deploy.registry import FLOAT, registered_name
 
     params = load_params(args.params)
     cfg = load_section(params, "export", ExportConfig)
     model_cfg = load_model_config(params)
-    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
+    run = open_stage_run("export", {"export": asdict(cfg), "model": asdict(model_cfg)}, args.params)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -112,15 +114,16 @@ def main() -> None:
     print(f"QuantizeLinear by type: {report['qdq']['quantize_linear_by_dtype']}; "
           f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
 
-    with StageRun("export", {"export": asdict(cfg), "model": asdict(model_cfg)}, fail_fast=False) as run:
-        for name in ("qdq", "float"):
-            r = report[name]
-            diffs = {f"{name}/max_abs_diff_{k}": v for k, v in r["max_abs_diff_ort_vs_torch"].items()}
-            run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
-                             f"{name}/export_seconds": seconds[name], **diffs})  # fmt: skip
-        run.log_artifact(args.report)
-        run.call("ONNX model (maptr_qdq)", lambda: log_onnx_model(args.qdq_out, "maptr_qdq"))
-        run.call("ONNX model (maptr_float)", lambda: log_onnx_model(args.float_out, "maptr_float"))
+    for name in ("qdq", "float"):
+        r = report[name]
+        diffs = {f"{name}/max_abs_diff_{k}": v for k, v in r["max_abs_diff_ort_vs_torch"].items()}
+        run.log_metrics({f"{name}/nodes": r["nodes"], f"{name}/size_mb": r["size_mb"],
+                         f"{name}/export_seconds": seconds[name], **diffs})  # fmt: skip
+    run.log_artifact(args.report)
+    run.call("ONNX model (maptr_qdq)", lambda: log_onnx_model(args.qdq_out, "maptr_qdq"))
+    registered = registered_name(model_cfg.preset, FLOAT)
+    run.call("ONNX model (maptr_float)",
+             lambda: log_onnx_model(args.float_out, "maptr_float", registered, args.float_checkpoint))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def main() -> None:
     from maptr.models.maptr import build_maptr
     from maptr.training.criterion import build_criterion
     from maptr.training.distributed import cleanup, init_distributed
+    from maptr.training.lineage import log_dataset
     from maptr.training.tracking import StageRun, check_tracking
     from maptr.training.trainer import Trainer
 
@@ -82,7 +83,10 @@ def main() -> None:
 
     meta_bytes = (Path(args.packed) / "metas" / "train.json").read_bytes()
     run_id = fingerprint(asdict(cfg), asdict(model_cfg), meta_bytes, ctx.world_size)
-    with StageRun("float-train", {"float": asdict(cfg), "model": asdict(model_cfg)}, enabled=ctx.is_main) as run:
+    stage_params = {"float": asdict(cfg), "model": asdict(model_cfg)}
+    tracking = {"enabled": ctx.is_main, "params_file": args.params, "system_metrics": True}
+    with StageRun("float-train", stage_params, **tracking) as run:
+        log_dataset(run, args.packed, "training")
         trainer = Trainer(
             model=model, criterion=criterion, train_set=train_set, validate=validate, cfg=cfg, ctx=ctx,
             tracker=run, stage="float", preset=model_cfg.preset, best_path=args.best, last_path=args.last,
@@ -110,6 +114,7 @@ def write_reports(args, history, model_cfg, val_set, post, ctx, run, best_preds:
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.models.maptr import build_maptr
     from maptr.training.checkpoint import load_checkpoint
+    from maptr.training.lineage import log_val_metrics
 
     best = max(history, key=lambda h: h["mAP"])
     metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
@@ -127,7 +132,8 @@ def write_reports(args, history, model_cfg, val_set, post, ctx, run, best_preds:
     gts = [val_set.ground_truth(p["index"]) for p in preds]
     viz.pr_curves(precision_recall_curves(preds, gts), reports / "pr_curves.png", title="float model, val")
     viz.bev_comparison(gts[0], preds[0], model_cfg.pc_range, reports / "bev_val0.png", title="val sample 0")
-    run.log_metrics({f"best/{k}": v for k, v in metrics.items()})
+    log_val_metrics(run, metrics, model=args.best)
+    run.log_metrics({"best_epoch": best["epoch"], "epochs": len(history)})
     for path in (args.metrics, args.curve, *sorted(reports.glob("*.png"))):
         run.log_artifact(path)
     run.log_artifact(args.best, artifact_path="checkpoints")

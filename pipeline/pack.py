@@ -10,8 +10,11 @@ Reads section `pack` of params.yaml. The same command packs the synthetic defaul
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from maptr import cli
+from maptr.training.lineage import log_dataset
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def build_parser():
@@ -23,6 +26,7 @@ def build_parser():
     return p
 
 
+@stage_main
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading the packer.
@@ -30,6 +34,7 @@ def main() -> None:
     from maptr.data.packing import pack_nuscenes
 
     cfg = load_section(load_params(args.params), "pack", PackConfig)
+    run = open_stage_run("pack", {"pack": asdict(cfg)}, args.params)
     start = time.perf_counter()
     info = pack_nuscenes(
         dataroot=args.dataroot,
@@ -38,7 +43,10 @@ def main() -> None:
         pc_range=cfg.pc_range,
         classes=cfg.classes,
     )
-    print(f"packed {info['num_samples']} samples into {args.out} in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    print(f"packed {info['num_samples']} samples into {args.out} in {seconds:.1f} s")
+    run.log_metrics({f"{split}_samples": n for split, n in info["num_samples"].items()} | {"seconds": seconds})
+    log_dataset(run, args.out, "packed")  # its digest is the hash DVC records for the folder in dvc.lock
 
 
 if __name__ == "__main__":

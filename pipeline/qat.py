@@ -44,6 +44,7 @@ def main() -> None:
     from maptr.training.checkpoint import load_checkpoint
     from maptr.training.criterion import build_criterion
     from maptr.training.distributed import cleanup, init_distributed
+    from maptr.training.lineage import log_dataset, log_val_metrics
     from maptr.training.tracking import StageRun, check_tracking
     from maptr.training.trainer import Trainer
 
@@ -84,7 +85,8 @@ def main() -> None:
         + (Path(args.packed) / "metas" / "train.json").read_bytes()
     ).hexdigest()[:16]
     stage_params = {"qat": asdict(cfg), "model": asdict(model_cfg), "int16_operators": len(quant["int16_ops"])}
-    with StageRun("qat", stage_params, enabled=ctx.is_main) as run:
+    with StageRun("qat", stage_params, enabled=ctx.is_main, params_file=args.params, system_metrics=True) as run:
+        log_dataset(run, args.packed, "training")
         trainer = Trainer(
             model=model, criterion=build_criterion(model_cfg), train_set=train_set, validate=validate, cfg=cfg,
             ctx=ctx, tracker=run, stage="qat", preset=model_cfg.preset, best_path=args.best, last_path=args.last,
@@ -102,7 +104,8 @@ def main() -> None:
             metrics.update(best_epoch=best["epoch"], epochs=len(state.history))
             write_text_atomic(args.metrics, json.dumps(metrics, indent=2))
             write_text_atomic(args.curve, json.dumps(state.history, indent=2))
-            run.log_metrics({f"best/{k}": v for k, v in metrics.items()})
+            log_val_metrics(run, metrics, model=args.best, source=args.calibration_checkpoint)
+            run.log_metrics({"best_epoch": best["epoch"], "epochs": len(state.history)})
             for path in (args.metrics, args.curve):
                 run.log_artifact(path)
             run.log_artifact(args.best, artifact_path="checkpoints")

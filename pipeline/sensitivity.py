@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from maptr import cli
+from maptr.training.run_group import open_stage_run, stage_main
 
 CHART_ROWS = 40  # operators shown in the bar chart
 
@@ -28,6 +29,7 @@ def build_parser():
     return p
 
 
+@stage_main
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
@@ -50,13 +52,15 @@ def main() -> None:
         top_operators,
     )
     from maptr.training.checkpoint import load_checkpoint
-    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.training.lineage import log_dataset
 
     params = load_params(args.params)
     cfg = load_section(params, "sensitivity", SensitivityConfig)
     cal_cfg = load_section(params, "calibrate", CalibrateConfig)
     model_cfg = load_model_config(params)
-    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
+    stage_params = {"sensitivity": asdict(cfg), "calibrate": asdict(cal_cfg), "model": {"preset": model_cfg.preset}}
+    run = open_stage_run("sensitivity", stage_params, args.params)
+    log_dataset(run, args.packed, "calibration")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
@@ -94,12 +98,10 @@ def main() -> None:
         print(f"{mark} {row.rank:3d}. {row.name:<60} {row.kind:<8} NSR {row.activation_nsr:.2e}  "
               f"{row.pts_error_m:.3f} m")  # fmt: skip
 
-    stage_params = {"sensitivity": asdict(cfg), "calibrate": asdict(cal_cfg), "model": {"preset": model_cfg.preset}}
-    with StageRun("sensitivity", stage_params, fail_fast=False) as run:
-        run.log_metrics({"seconds": seconds, "num_operators": len(rows), "int16_topk": k,
-                         "top1_activation_nsr": rows[0].activation_nsr})  # fmt: skip
-        run.log_artifact(args.out)
-        run.log_artifact(args.plot)
+    run.log_metrics({"seconds": seconds, "num_operators": len(rows), "int16_topk": k,
+                     "top1_activation_nsr": rows[0].activation_nsr})  # fmt: skip
+    run.log_artifact(args.out)
+    run.log_artifact(args.plot)
 
 
 def bar_chart(rows: list, int16_ops: set[str], exclude: list[str], path: Path, title: str) -> None:

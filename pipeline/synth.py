@@ -14,6 +14,7 @@ import json
 import time
 
 from maptr import cli
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported after parsing: `--help` answers without loading the renderer.
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from maptr.data.synthetic import generate_world
 
     cfg = load_section(load_params(args.params), "synth", SynthConfig)
+    run = open_stage_run("synth", {"synth": vars(cfg)}, args.params)
     start = time.perf_counter()
     stats = generate_world(
         args.out,
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(args.stats, json.dumps(report, indent=2) + "\n")
     elapsed = time.perf_counter() - start
     splits = stats["splits"]
+    run.log_metrics({f"{split}_samples": splits[split]["samples"] for split in splits} | {"seconds": elapsed})
+    run.log_artifact(args.stats)
     print(
         f"synth: {splits['train']['samples']} train + {splits['val']['samples']} val samples "
         f"-> {args.out} in {elapsed:.1f} s; stats -> {args.stats}"

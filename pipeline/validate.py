@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from maptr import cli
+from maptr.training.run_group import open_stage_run, stage_main
 
 
 def build_parser():
@@ -27,6 +28,7 @@ def build_parser():
     return p
 
 
+@stage_main
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
@@ -39,17 +41,19 @@ def main() -> None:
     from maptr.config import ValidateConfig, load_model_config, load_params, load_section
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
     from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
+    from maptr.deploy.registry import publish_ladder
     from maptr.evaluation.agreement import RecordingPredictor, output_agreement
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.evaluation.postprocess import build_postprocess
     from maptr.quant.quantizer import build_model_from_checkpoint
     from maptr.training.checkpoint import load_checkpoint
-    from maptr.training.tracking import StageRun, check_tracking
+    from maptr.training.lineage import log_dataset, log_val_metrics
 
     params = load_params(args.params)
     cfg = load_section(params, "validate", ValidateConfig)
     model_cfg = load_model_config(params)
-    check_tracking()  # the run opens at the end; an unreachable server must fail before the work
+    run = open_stage_run("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    log_dataset(run, args.packed, "validation")
     torch.set_num_threads(max(cfg.threads, 1))
     ckpt = load_checkpoint(args.qat_checkpoint, expect_preset=model_cfg.preset)
     if "quant" not in ckpt:
@@ -79,11 +83,10 @@ def main() -> None:
         f"{100 * agreement['topk_class_agreement']:.2f}%"
     )
 
-    with StageRun("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}, fail_fast=False) as run:
-        run.log_metrics({**{k: v for k, v in document.items() if k.startswith(("mAP", "AP_"))},
-                         **{f"agreement/{k}": v for k, v in agreement.items()},
-                         "seconds_ort": deployed_seconds})  # fmt: skip
-        run.log_artifact(args.metrics)
+    log_val_metrics(run, document, model=args.deployed, source=args.qat_checkpoint)
+    run.log_metrics({**{f"agreement/{k}": v for k, v in agreement.items()}, "seconds_ort": deployed_seconds})
+    run.log_artifact(args.metrics)
+    publish_ladder(run)  # the ladder to the group's run and the registered deployed / float versions
 
 
 if __name__ == "__main__":

@@ -223,12 +223,9 @@ def qdq_dtype_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def log_onnx_model(path: str | Path, name: str) -> bool:
-    """Logs ``path`` as an MLflow model (flavour ``onnx``) to the active run; False when none is active."""
-    import mlflow
-    import mlflow.onnx
+def log_onnx_model(path: str | Path, name: str, registered: str | None = None, source: str | Path | None = None):
+    """Logs ``path`` as an MLflow model (flavour ``onnx``, with its signature) to the active run, registered
+    as a new version of ``registered`` when given (see maptr.deploy.registry); None when no run is active."""
+    from maptr.deploy.registry import log_onnx
 
-    if mlflow.active_run() is None:  # tracking off (e.g. StageRun disabled on a non-zero rank)
-        return False
-    mlflow.onnx.log_model(onnx.load(str(path)), name=name, pip_requirements=["onnx", "onnxruntime"])
-    return True
+    return log_onnx(path, name, registered=registered, source=source)

@@ -1,4 +1,6 @@
-"""MLflow tracking for every stage: one run per stage, named after it, in one experiment.
+"""MLflow tracking for every stage: one run per stage, nested in its chain run's group, in one experiment.
+
+Groups, run names and the experiment's kind: :mod:`maptr.training.run_group`.
 
 Default store: ``sqlite:///<repo root>/mlflow.db`` with artifacts in ``<repo root>/mlartifacts``, absolute
 paths, so that runs made in DVC's temporary workspaces (``dvc exp run --temp`` / ``--queue``, which run
@@ -26,6 +28,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from maptr.config import load_params
+from maptr.training import run_group
 
 EXPERIMENT = "maptr-pipeline"
 
@@ -131,8 +136,9 @@ class StageRun:
             run.log_metrics({"mAP": 0.3}, step=epoch)
             run.log_artifact("metrics/float.json")
 
-    Opening the run checks the store and fails fast (TrackingError), unless ``fail_fast`` is False (a
-    stage that opens its run after its outputs are written: trouble then only warns, the work is kept).
+    Opening the run checks the store and fails fast (TrackingError), unless ``fail_fast`` is False (trouble
+    then only warns and nothing is logged). Stages open their run when they start (``params_file``: the
+    whole params file, for the run's group; see maptr.training.run_group).
     After that nothing it does raises for tracking trouble: see the module docstring.
     """
 
@@ -141,10 +147,12 @@ class StageRun:
     QUIET_S = 30.0  # after a failed call, later calls are only queued for this long (training goes on)
 
     def __init__(self, stage: str, params: dict[str, Any], enabled: bool = True, tags: dict[str, str] | None = None,
-                 fail_fast: bool = True):  # fmt: skip
+                 fail_fast: bool = True, params_file: str | Path | None = None,
+                 system_metrics: bool = False):  # fmt: skip
         self.stage, self.params, self.enabled, self.tags = stage, params, enabled, tags or {}
-        self.fail_fast = fail_fast
+        self.fail_fast, self.params_file, self.system_metrics = fail_fast, params_file, system_metrics
         self._mlflow = None
+        self.run_id = self.parent_id = self.experiment_id = self.group = None  # set once the run is open
         self._pending: collections.deque[tuple[str, Callable[[], object]]] = collections.deque()
         self._failed_at: float | None = None  # monotonic time of the last failed call, None while all is well
         self.uri = ""
@@ -172,13 +180,18 @@ class StageRun:
 
         mlflow.set_tracking_uri(uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        all_params = load_params(self.params_file) if self.params_file else {}
         try:
-            if mlflow.get_experiment_by_name(name) is None:
-                location = None if uri.startswith("http") else (repo_root() / "mlartifacts").as_uri()
-                mlflow.create_experiment(name, artifact_location=location)
-            experiment = mlflow.set_experiment(name)
-            end_stale_runs(experiment.experiment_id)
-            mlflow.start_run(run_name=self.stage, tags=self._run_tags())
+            location = None if uri.startswith("http") else (repo_root() / "mlartifacts").as_uri()
+            client = mlflow.MlflowClient()
+            self.experiment_id = run_group.ensure_experiment(client, name, location)
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+            end_stale_runs(self.experiment_id)
+            self.group = run_group.group_context(all_params)
+            self.parent_id = run_group.parent_run(client, self.experiment_id, self.group, all_params)
+            run = mlflow.start_run(run_name=run_group.stage_run_name(self.stage, self.group), tags=self._run_tags(),
+                                   parent_run_id=self.parent_id, log_system_metrics=self.system_metrics)  # fmt: skip
+            self.run_id = run.info.run_id
             flat = {k: str(v) if isinstance(v, list) else v for k, v in flatten("", self.params).items()}
             mlflow.log_params(flat)
         except _tracking_errors() as exc:
@@ -189,9 +202,7 @@ class StageRun:
     def _run_tags(self) -> dict[str, str]:
         # host and pid let a later stage find this run if the process is killed before it ends it
         tags = {"stage": self.stage, "git_revision": git_revision(), "host": socket.gethostname(),
-                "pid": str(os.getpid()), **self.tags}  # fmt: skip
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+                "pid": str(os.getpid()), **self.group.tags(), **self.tags}  # fmt: skip
         if os.environ.get("DVC_EXP_BASELINE_REV"):
             tags["dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
         return tags
@@ -207,6 +218,7 @@ class StageRun:
         delivered = self._flush(tries=1)
         try:
             mlflow.end_run(status=status)  # pops this process's active run first, then tells the store
+            run_group.end_parent(mlflow.MlflowClient(), self.parent_id, status)
         except _tracking_errors():
             self._pending.append(("the run's end status", lambda: None))
         if not delivered or self._pending:
@@ -280,7 +292,7 @@ class StageRun:
 
 def end_stale_runs(experiment_id: str) -> list[str]:
     """End as KILLED the RUNNING runs of ``experiment_id`` started on this machine by a process that no
-    longer exists (killed before it could end its run); returns their ids."""
+    longer exists (killed before it could end its run), and their groups with them; returns their ids."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -292,6 +304,9 @@ def end_stale_runs(experiment_id: str) -> list[str]:
         if pid.isdigit() and not _process_alive(int(pid)):
             client.set_terminated(run.info.run_id, status="KILLED")
             ended.append(run.info.run_id)
+            parent = run.data.tags.get("mlflow.parentRunId")  # its group, left RUNNING with it
+            if parent and client.get_run(parent).info.status == "RUNNING":
+                client.set_terminated(parent, status="KILLED")
     if ended:
         _warn(f"MLflow: ended {len(ended)} run(s) left RUNNING by a killed process as KILLED")
     return ended

@@ -313,9 +313,10 @@ class Trainer:
             # and must not change their bytes between two runs of the same inputs (MLflow gets the time).
             record = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss, **metrics}
             self.state.history.append(record)
-            self.tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}
-                                     | {"train_loss_epoch": train_loss, "epoch_seconds": seconds},
-                                     step=self.state.global_step)  # fmt: skip
+            # per-epoch history: step = epoch, under a prefix apart from the final val metrics (mAP, AP_...)
+            self.tracker.log_metrics({f"epoch/{k}": v for k, v in metrics.items()}
+                                     | {"epoch/train_loss": train_loss, "epoch/seconds": seconds},
+                                     step=epoch + 1)  # fmt: skip
             if ctx.is_main:
                 tqdm.write(f"{self.stage} epoch {epoch + 1}: val mAP {metrics['mAP']:.4f}, loss {train_loss:.3f}, "
                            f"{seconds:.0f} s")  # fmt: skip
