@@ -12,6 +12,7 @@ writes it even when DVC deleted it before the rerun and no later epoch beats it.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -171,7 +172,10 @@ class Trainer:
         Raises TrainingDiverged when a parameter or buffer is NaN / inf (a BatchNorm running variance can
         overflow while the loss is still finite): such a model is never saved, so what is on disk stays good.
         """
-        model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # tensors copied to the CPU (the best epoch's copy is kept for the whole run and must not hold GPU
+        # memory); the fake-quant modules' extra states are plain containers
+        model = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in self.model.state_dict().items()}  # fmt: skip
         bad = nonfinite_tensors(model)
         if bad:
             raise TrainingDiverged(
