@@ -86,7 +86,8 @@ def check_server(uri: str, timeout: float | None = None) -> None:
     name = urllib.parse.quote(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
     for url in (f"{base}/health", f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}"):
         try:
-            urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (user-given URI)
+            with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (user-given URI)
+                pass
         except urllib.error.HTTPError as exc:
             if exc.code >= 500 or url.endswith("/health"):  # a 404 from the API is "no such experiment yet"
                 raise _unreachable(uri, f"{url} answered HTTP {exc.code}") from None

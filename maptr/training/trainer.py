@@ -175,12 +175,10 @@ class Trainer:
         Raises TrainingDiverged when a parameter or buffer is NaN / inf (a BatchNorm running variance can
         overflow while the loss is still finite): such a model is never saved, so what is on disk stays good.
         """
-        # Copied: the payload may be kept while training goes on. Entries other than tensors (a fake-quant
-        # module's extra state) are deep-copied.
-        model = {
-            k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-            for k, v in self.model.state_dict().items()
-        }
+        # tensors copied to the CPU (the best epoch's copy is kept for the whole run and must not hold GPU
+        # memory); the fake-quant modules' extra states are plain containers
+        model = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in self.model.state_dict().items()}  # fmt: skip
         bad = nonfinite_tensors(model)
         if bad:
             raise TrainingDiverged(
