@@ -193,7 +193,7 @@ def test_tracking_server_lost_mid_training_does_not_stop_it(
     assert [h["mAP"] for h in state.history] == [0.5, 0.6] and (tmp_path / "best.pt").is_file()
     err = capsys.readouterr().err
     assert err.count("failed (API request to http://mlflow:5000") == 1  # warned once, not at every step
-    assert "the stage goes on" in err and "not logged: 8 x metrics (step 3, ..., step 8)" in err
+    assert "the stage goes on" in err and "not logged: 6 x train metrics (step 3, ..., step 8), 2 x epoch metrics (step 1, step 2)" in err
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

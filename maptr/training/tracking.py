@@ -263,7 +263,7 @@ class StageRun:
         return True
 
     def _describe_pending(self) -> str:
-        """The queued calls by kind: ``9 x metrics (step 3, ..., step 11), 2 x artifact (a.json, b.png)``."""
+        """The queued calls by kind: ``9 x train metrics (step 3, ..., step 11), 2 x artifact (a.json, b.png)``."""
         groups: dict[str, list[str]] = {}
         for what, _ in self._pending:
             kind, _, detail = what.partition(" (")
@@ -278,7 +278,10 @@ class StageRun:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._mlflow is not None:
             values, mlflow = {k: float(v) for k, v in metrics.items()}, self._mlflow
-            self.call(f"metrics (step {step})", lambda: mlflow.log_metrics(values, step=step))
+            # named by their common key prefix: train/ (step = global step) and epoch/ (step = epoch) count apart
+            prefixes = {k.partition("/")[0] for k in values if "/" in k}
+            kind = f"{prefixes.pop()} metrics" if len(prefixes) == 1 else "metrics"
+            self.call(f"{kind} (step {step})", lambda: mlflow.log_metrics(values, step=step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None and Path(path).exists():
