@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from maptr.config import ModelConfig
+from maptr.config import load_model_config, load_params
 from maptr.data.vectors import equivalent_orders
 from maptr.training.criterion import build_criterion
 from maptr.training.matcher import HungarianMatcher
@@ -80,7 +80,9 @@ def main() -> None:
         print(line)
 
     # One training-step criterion call of the tiny preset (2 decoder layers, one2one + one2many, seg).
-    cfg = ModelConfig()
+    params = load_params("params.yaml")
+    params["model"]["preset"] = "tiny"
+    cfg = load_model_config(params)
     cfg.num_pts_per_vec = P
     criterion = build_criterion(cfg)
     b = args.batch

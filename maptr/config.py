@@ -2,8 +2,9 @@
 
 Every stage script reads its own section with :func:`load_section`; a wrong type, an unknown or missing key
 or an unknown preset raises :class:`ParamsError` naming the file, the key and the fix, so a typo in
-``params.yaml`` never silently falls back to a default: params.yaml is the one source of every knob (the
-dataclass defaults below serve code that builds configs directly, e.g. tests, never a stage).
+``params.yaml`` never silently falls back to a default: params.yaml is the one source of every knob, and
+the dataclasses below have no defaults (code that needs a config, tests included, reads it from a params
+file).
 
 The file is read with YAML 1.2 rules, as DVC reads and writes params (with ruamel.yaml): ``dvc exp run -S
 qat.lr=1e-6`` writes ``lr: 1e-06``, which PyYAML's YAML 1.1 rules take for a string. Here PyYAML parses with
@@ -16,12 +17,14 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from yaml import YAMLError
+
+from maptr.classes import CLASS_NAMES
 
 T = TypeVar("T")
 
@@ -35,23 +38,21 @@ class ParamsError(ValueError):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class SynthConfig:
-    seed: int = 0
-    version: str = "v1.0-trainval"
-    train_scenes: int = 60
-    val_scenes: int = 12
-    samples_per_scene: int = 20
-    image_width: int = 480
-    image_height: int = 270
-    jpeg_quality: int = 90
+    seed: int
+    version: str
+    train_scenes: int
+    val_scenes: int
+    samples_per_scene: int
+    image_width: int
+    image_height: int
+    jpeg_quality: int
 
 
 @dataclass
 class PackConfig:
-    dataroot: str = "data/nuscenes"
-    version: str = "auto"  # v1.0-trainval | v1.0-mini | auto: the one v1.0-* folder under dataroot
-    pc_range: list[float] = field(default_factory=lambda: [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
-    classes: list[str] = field(default_factory=lambda: ["divider", "ped_crossing", "boundary"])
-    sample_dist: float = 1.0
+    dataroot: str
+    version: str  # v1.0-trainval | v1.0-mini | auto: the one v1.0-* folder under dataroot
+    pc_range: list[float]
 
 
 @dataclass
@@ -60,154 +61,150 @@ class TrainConfig:
 
     # The command DVC runs the stage's script with (dvc.yaml: `${float.launcher} pipeline/float_train.py ...`):
     # `python`, or `torchrun --nproc_per_node=8` for a GPU run that DVC records in dvc.lock like any other.
-    launcher: str = "python"
-    seed: int = 0
-    epochs: int = 4
-    batch_size: int = 2
-    lr: float = 6.0e-4
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    warmup_ratio: float = 0.3333333
-    min_lr_ratio: float = 1.0e-3
-    grad_clip: float = 35.0
-    num_workers: int = 2
-    augment: bool = True
-    sync_bn: bool = False
-    bf16: bool = False
-    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
-    val_batch_size: int = 4
-    ckpt_every_steps: int = 100  # resume checkpoint inside an epoch
-    log_every_steps: int = 10
-    cache_mb: int = 0  # MiB per split of decoded, resized items kept in memory (0: off; main process only)
+    launcher: str
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    backbone_lr_mult: float
+    weight_decay: float
+    warmup_steps: int
+    warmup_ratio: float
+    min_lr_ratio: float
+    grad_clip: float
+    num_workers: int
+    augment: bool
+    sync_bn: bool
+    bf16: bool
+    threads: int  # torch intra-op threads per process; 0 = torch's default
+    val_batch_size: int
+    ckpt_every_steps: int  # resume checkpoint inside an epoch
+    log_every_steps: int
+    cache_mb: int  # MiB per split of decoded, resized items kept in memory (0: off; main process only)
 
 
 @dataclass
 class SensitivityConfig:
     """Stage ``sensitivity`` (the guide's quant_analysis): rank operators by quantization damage."""
 
-    calibration_batches: int = 4  # training batches through the observers (8-bit scales to rank with)
-    num_batches: int = 4  # validation batches the output error is measured on
-    batch_size: int = 2
-    with_weights: bool = True  # also measure each conv / linear with only its int8 weights quantized
-    seed: int = 0
-    threads: int = 1  # torch threads (0 = torch's default)
+    calibration_batches: int  # training batches through the observers (8-bit scales to rank with)
+    num_batches: int  # validation batches the output error is measured on
+    batch_size: int
+    with_weights: bool  # also measure each conv / linear with only its int8 weights quantized
+    seed: int
+    threads: int  # torch threads (0 = torch's default)
 
 
 @dataclass
 class CalibrateConfig:
     """Stage ``calibrate``: observers over ``steps`` batches, frozen scales, val mAP."""
 
-    steps: int = 16  # calibration batches (from the training split, no augmentation)
-    batch_size: int = 2
-    observer: str = "mse"  # 8-bit activation ranges: mse | percentile | minmax (int16: min/max)
-    percentile: float = 99.99
-    int16_topk: int = 30  # operators with int16 inputs, for the preset int16_topk_preset (the guide: 30, r50)
-    int16_topk_preset: str = "r50"  # other presets get the same fraction of their quantized operators
+    steps: int  # calibration batches (from the training split, no augmentation)
+    batch_size: int
+    observer: str  # 8-bit activation ranges: mse | percentile | minmax (int16: min/max)
+    percentile: float
+    int16_topk: int  # operators with int16 inputs, for the preset int16_topk_preset (the guide: 30, r50)
+    int16_topk_preset: str  # other presets get the same fraction of their quantized operators
     # Module-path prefixes never given int16 inputs, however they rank: ONNX Runtime's CPU provider has no
     # int16 convolution, so int16 around the image side turns its integer convolutions back to float
     # (the camera-embedding add reads the neck's last convolution, which would then write int16).
-    int16_exclude: list[str] = field(default_factory=lambda: ["backbone", "neck", "encoder.camera_embedding_add"])
-    weight_reduce_range: bool = True  # 7-bit int8 weights: exact ONNX Runtime kernels on CPUs without VNNI
-    seed: int = 0
-    threads: int = 1  # torch threads (0 = torch's default)
-    val_batch_size: int = 4
+    int16_exclude: list[str]
+    weight_reduce_range: bool  # 7-bit int8 weights: exact ONNX Runtime kernels on CPUs without VNNI
+    seed: int
+    threads: int  # torch threads (0 = torch's default)
+    val_batch_size: int
 
 
 @dataclass
 class QATConfig(TrainConfig):
     """Stage ``qat``: a short fine-tune of the calibrated model with fixed activation scales."""
 
-    samples_per_epoch: int = 0  # training samples per epoch (a different seeded slice each epoch); 0 = all
+    samples_per_epoch: int  # training samples per epoch (a different seeded slice each epoch); 0 = all
 
 
 @dataclass
 class ExportConfig:
     """Stage ``export``: the QAT model (Q/DQ) and the float model to ONNX."""
 
-    opset: int = 21  # int16 QuantizeLinear / DequantizeLinear exist from opset 21 on
-    seed: int = 0  # of the random example images the graph is traced with (the graph does not depend on it)
-    threads: int = 1  # torch threads while tracing and for the reference forward
+    opset: int  # int16 QuantizeLinear / DequantizeLinear exist from opset 21 on
+    seed: int  # of the random example images the graph is traced with (the graph does not depend on it)
+    threads: int  # torch threads while tracing and for the reference forward
 
 
 @dataclass
 class CompileConfig:
     """Stage ``compile``: ONNX Runtime's graph optimizations saved into the deployed model, and its latency."""
 
-    optimization_level: str = "extended"  # saved into the model: basic | extended | all (all is CPU-specific)
-    threads: int = 2  # ORT intra-op threads of the latency measurement (and of the deployed model)
-    thread_sweep: list[int] = field(default_factory=lambda: [1])  # also timed at these counts (report table)
-    warmup: int = 5  # untimed runs of each fresh session before its timed runs
-    runs: int = 100  # timed runs of each model, spread over the rounds
-    rounds: int = 25  # alternating rounds (order alternating too), one ORT session alive at a time
-    profile_runs: int = 5  # profiled runs (per-operator times of the op table)
+    optimization_level: str  # saved into the model: basic | extended | all (all is CPU-specific)
+    threads: int  # ORT intra-op threads of the latency measurement (and of the deployed model)
+    thread_sweep: list[int]  # also timed at these counts (report table)
+    warmup: int  # untimed runs of each fresh session before its timed runs
+    runs: int  # timed runs of each model, spread over the rounds
+    rounds: int  # alternating rounds (order alternating too), one ORT session alive at a time
+    profile_runs: int  # profiled runs (per-operator times of the op table)
 
 
 @dataclass
 class ValidateConfig:
     """Stage ``validate``: deployed model on ONNX Runtime over the val split vs the QAT model in PyTorch."""
 
-    batch_size: int = 4  # loader batch (ORT runs the batch-1 graph once per sample)
-    threads: int = 1  # torch and ORT intra-op threads
-    top_k: int = 20  # queries compared for class agreement (by the QAT model's best score)
+    batch_size: int  # loader batch (ORT runs the batch-1 graph once per sample)
+    threads: int  # torch and ORT intra-op threads
+    top_k: int  # queries compared for class agreement (by the QAT model's best score)
 
 
 @dataclass
 class CriterionConfig:
     """Loss and matching weights (the guide's MapTRCriterion / MapTRAssigner)."""
 
-    cls_weight: float = 2.0
-    pts_weight: float = 5.0
-    dir_weight: float = 0.005
-    bev_seg_weight: float = 1.0
-    bev_seg_pos_weight: float = 4.0
-    pv_seg_weight: float = 2.0
-    pv_seg_pos_weight: float = 1.0
-    one2many_weight: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    match_cls_cost: float = 2.0
-    match_pts_cost: float = 5.0
+    cls_weight: float
+    pts_weight: float
+    dir_weight: float
+    bev_seg_weight: float
+    bev_seg_pos_weight: float
+    pv_seg_weight: float
+    pv_seg_pos_weight: float
+    one2many_weight: float
+    focal_alpha: float
+    focal_gamma: float
+    match_cls_cost: float
+    match_pts_cost: float
 
 
 @dataclass
 class ModelConfig:
     """Architecture of one preset (``model.presets.<name>`` in params.yaml)."""
 
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 (torchvision)
-    feature_stride: int = 32  # stride of the single FPN level the BEV encoder samples
-    backbone_max_stride: int = 32  # deepest ResNet stage used: 32 = all four, 16 drops layer4
-    embed_dims: int = 128
-    num_heads: int = 4
-    ffn_dims: int = 256
-    image_size: list[int] = field(default_factory=lambda: [352, 128])  # network input [W, H]
-    bev_h: int = 50  # BEV rows, along y (forward)
-    bev_w: int = 25  # BEV columns, along x (right)
-    num_points_in_pillar: int = 4
-    encoder_layers: int = 1
-    encoder_sca_points: int = 8
-    encoder_tsa_points: int = 4
-    decoder_layers: int = 2
-    decoder_points: int = 4
-    num_vec_one2one: int = 50
-    num_vec_one2many: int = 150
-    k_one2many: int = 3
-    num_pts_per_vec: int = 20
-    dropout: float = 0.1
-    bev_seg: bool = True
-    pv_seg: bool = True
-    max_num: int = 50
-    post_center_range: list[float] = field(default_factory=lambda: [-20.0, -35.0, 20.0, 35.0])
+    backbone: str  # resnet18 | resnet34 | resnet50 (torchvision)
+    feature_stride: int  # stride of the single FPN level the BEV encoder samples
+    backbone_max_stride: int  # deepest ResNet stage used: 32 = all four, 16 drops layer4
+    embed_dims: int
+    num_heads: int
+    ffn_dims: int
+    image_size: list[int]  # network input [W, H]
+    bev_h: int  # BEV rows, along y (forward)
+    bev_w: int  # BEV columns, along x (right)
+    num_points_in_pillar: int
+    encoder_layers: int
+    encoder_sca_points: int
+    encoder_tsa_points: int
+    decoder_layers: int
+    decoder_points: int
+    num_vec_one2one: int
+    num_vec_one2many: int
+    k_one2many: int
+    num_pts_per_vec: int
+    dropout: float
+    bev_seg: bool
+    pv_seg: bool
+    max_num: int
+    post_center_range: list[float]
     # Filled from other sections / top-level model keys, not from the preset block:
-    preset: str = "tiny"
-    pretrained: str = ""
-    pc_range: list[float] = field(default_factory=lambda: [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
-    num_classes: int = 3
-    criterion: CriterionConfig = field(default_factory=CriterionConfig)
-
-
-# ModelConfig fields that load_model_config fills from other keys, not from the preset block.
-MODEL_DERIVED_FIELDS = frozenset({"preset", "pretrained", "pc_range", "num_classes", "criterion"})
+    preset: str
+    pretrained: str
+    pc_range: list[float]
+    num_classes: int
+    criterion: CriterionConfig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,15 +297,16 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
     raise ParamsError(f"{where}: unsupported type {tp}")  # a programming error, reported the same way
 
 
-def from_dict(cls: type[T], data: Any, where: str, derived: frozenset[str] = frozenset()) -> T:
+def from_dict(cls: type[T], data: Any, where: str, derived: dict[str, Any] | None = None) -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys, missing keys and wrong types are errors naming
-    ``where``. ``derived``: fields filled by the caller from elsewhere, never read from this mapping."""
+    ``where``. ``derived``: values of fields the caller takes from elsewhere, never read from this mapping."""
+    derived = derived or {}
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - derived
+    names = {f.name for f in dataclasses.fields(cls)} - set(derived)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
@@ -317,7 +315,7 @@ def from_dict(cls: type[T], data: Any, where: str, derived: frozenset[str] = fro
         raise ParamsError(f"{where}: missing key(s) {missing}; set them in params.yaml (no knob has a default "
                           "in the code)")  # fmt: skip
     kwargs = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return check_ranges(cls(**kwargs), where)
+    return check_ranges(cls(**kwargs, **derived), where)
 
 
 def load_section(params: dict[str, Any], name: str, cls: type[T]) -> T:
@@ -329,7 +327,8 @@ def load_section(params: dict[str, Any], name: str, cls: type[T]) -> T:
 
 
 def load_model_config(params: dict[str, Any]) -> ModelConfig:
-    """The model preset chosen by ``model.preset``, with pc_range and classes from the ``pack`` section."""
+    """The model preset chosen by ``model.preset``, with ``pack.pc_range``, ``model.pretrained``,
+    ``model.criterion`` and the class count (``maptr.classes``)."""
     file = params.get("__file__", "params.yaml")
     model = params.get("model")
     if not isinstance(model, dict):
@@ -347,20 +346,18 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
         if key not in model:
             raise ParamsError(f"{file}: model.{key}: missing; set it in params.yaml (see the repository's file)")
     pack = load_section(params, "pack", PackConfig)
+    pretrained = _check_value(model["pretrained"], str, f"{file}: model.pretrained")
     # Every preset is checked, not only the selected one: a typo in `tiny` should fail now, not the
     # day someone runs `dvc exp run -S model.preset=tiny`.
     built = {}
     for name, block in presets.items():
         where = f"{file}: model.presets.{name}"
-        built[name] = from_dict(ModelConfig, block, where, derived=MODEL_DERIVED_FIELDS)
-        built[name].pc_range = pack.pc_range
+        derived = {"preset": name, "pretrained": pretrained, "pc_range": list(pack.pc_range),
+                   "num_classes": len(CLASS_NAMES),
+                   "criterion": from_dict(CriterionConfig, model["criterion"], f"{file}: model.criterion")}  # fmt: skip
+        built[name] = from_dict(ModelConfig, block, where, derived=derived)
         _validate_model(built[name], where)
-    cfg = built[preset]
-    cfg.preset = preset
-    cfg.pretrained = _check_value(model["pretrained"], str, f"{file}: model.pretrained")
-    cfg.criterion = from_dict(CriterionConfig, model["criterion"], f"{file}: model.criterion")
-    cfg.num_classes = len(pack.classes)
-    return cfg
+    return built[preset]
 
 
 def _validate_model(cfg: ModelConfig, where: str) -> None:
@@ -413,7 +410,6 @@ _COUNT, _NONNEG, _POSITIVE, _PROB = _ge(1), _ge(0), _gt(0), _within(0, 1)
 _RANGES: dict[type, dict[str, Rule]] = {
     SynthConfig: {"seed": _NONNEG, "train_scenes": _COUNT, "val_scenes": _COUNT, "samples_per_scene": _COUNT,
                   "image_width": _ge(32), "image_height": _ge(32), "jpeg_quality": _within(1, 100)},
-    PackConfig: {"sample_dist": _POSITIVE},
     TrainConfig: {"seed": _NONNEG, "epochs": _COUNT, "batch_size": _COUNT, "lr": _POSITIVE,
                   "backbone_lr_mult": _NONNEG, "weight_decay": _NONNEG, "warmup_steps": _NONNEG,
                   "warmup_ratio": _PROB, "min_lr_ratio": _PROB, "grad_clip": _NONNEG,

@@ -16,9 +16,9 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maptr.atomic import atomic_file  # noqa: E402
+from maptr.classes import CLASS_NAMES  # noqa: E402
 from maptr.data.seg_targets import ground_height  # noqa: E402
 
-CLASS_NAMES = ("divider", "ped_crossing", "boundary")
 CLASS_COLORS = ("#ff9f1c", "#2e86de", "#27ae60")  # orange, blue, green (RGB hex)
 
 

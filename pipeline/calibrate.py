@@ -60,8 +60,7 @@ def main() -> None:
     start = time.perf_counter()
 
     int16_ops = sensitive_operators(args.sensitivity, params, cfg, model_cfg.preset)
-    quant_cfg = QuantConfig(int16_ops=tuple(int16_ops), observer=cfg.observer, percentile=cfg.percentile,
-                            weight_reduce_range=cfg.weight_reduce_range)  # fmt: skip
+    quant_cfg = QuantConfig.from_calibrate(cfg, int16_ops)
     model = build_maptr(model_cfg)
     model.load_state_dict(load_checkpoint(args.float_checkpoint, expect_preset=model_cfg.preset)["model"])
     quantize_model(model, quant_cfg)

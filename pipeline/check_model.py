@@ -50,7 +50,7 @@ def main() -> None:
     import torch
 
     from maptr.atomic import write_text_atomic
-    from maptr.config import load_model_config, load_params
+    from maptr.config import CalibrateConfig, load_model_config, load_params, load_section
     from maptr.deploy.checker import check_model, format_report
     from maptr.deploy.onnx_export import UnexportableOperatorError, example_inputs, export_onnx
     from maptr.deploy.ort_compile import optimize_and_save
@@ -81,7 +81,8 @@ def main() -> None:
     else:
         int16_ops, source = _int16_from_report(args.sensitivity, params, model_cfg)
         torch.manual_seed(args.seed)
-        model = quantize_model(build_maptr(model_cfg), QuantConfig(int16_ops=tuple(int16_ops)))
+        quant_cfg = QuantConfig.from_calibrate(load_section(params, "calibrate", CalibrateConfig), int16_ops)
+        model = quantize_model(build_maptr(model_cfg), quant_cfg)
         img, lidar2img = example_inputs(model, args.seed)
         calibrate(model, [{"img": img, "lidar2img": lidar2img}])
         source = f"untrained {model_cfg.preset} model, {source}"

@@ -1,11 +1,11 @@
 """Stage `ladder`: the figures people compare, gathered from the four evaluating stages, for DVC.
 
-    python pipeline/ladder.py --params params.yaml --float metrics/float.json \
+    python pipeline/ladder.py --float metrics/float.json \
         --calibration metrics/calibration.json --qat metrics/qat.json --deployed metrics/deployed.json \
         --compile reports/compile.json --out metrics/ladder.json --class-dir metrics/ladder \
         --plot reports/ladder.json
 
-The val mAP and the AP of each class (`pack.classes`) after float-train, calibrate, qat and on the
+The val mAP and the AP of each class (`maptr/classes.py`) after float-train, calibrate, qat and on the
 deployed model (validate), and the deployed / float latency ratio of compile (paired by round). These
 are the only DVC metrics of the pipeline, laid out for DVC's two tables:
 
@@ -63,9 +63,8 @@ def ladder_rows(per_stage: dict[str, dict], classes: list[str]) -> dict[str, dic
 def main() -> None:
     args = build_parser().parse_args()
     from maptr.atomic import write_text_atomic
-    from maptr.config import PackConfig, load_params, load_section
+    from maptr.classes import CLASS_NAMES as classes
 
-    classes = load_section(load_params(args.params), "pack", PackConfig).classes
     wanted = ["mAP", *(f"AP_{name}" for name in classes)]
     per_stage = {stage: read_json(getattr(args, stage), wanted) for stage in STAGES}
     ratio = float(read_json(args.compile, ["deployed_over_float_paired"])["deployed_over_float_paired"])

@@ -41,7 +41,6 @@ def main() -> None:
         version=cfg.version,
         out=args.out,
         pc_range=cfg.pc_range,
-        classes=cfg.classes,
     )
     seconds = time.perf_counter() - start
     print(f"packed {info['num_samples']} samples into {args.out} in {seconds:.1f} s")

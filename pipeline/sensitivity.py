@@ -67,8 +67,7 @@ def main() -> None:
 
     model = build_maptr(model_cfg)
     model.load_state_dict(load_checkpoint(args.float_checkpoint, expect_preset=model_cfg.preset)["model"])
-    quant_cfg = QuantConfig(observer=cal_cfg.observer, percentile=cal_cfg.percentile,
-                            weight_reduce_range=cal_cfg.weight_reduce_range)  # fmt: skip
+    quant_cfg = QuantConfig.from_calibrate(cal_cfg)
     quantize_model(model, quant_cfg)
     options = DatasetOptions.from_model(model_cfg)
     train_set = PackedMapDataset(args.packed, "train", options)

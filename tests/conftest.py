@@ -13,6 +13,28 @@ from maptr.data.synthetic import generate_world
 
 PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
 CLASSES = ["divider", "ped_crossing", "boundary"]
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def model_config(preset: str = "tiny", **changes):
+    """A preset's ModelConfig from the repository's params.yaml (the config classes have no defaults),
+    with fields changed (``num_pts_per_vec=5``; not re-validated)."""
+    import dataclasses
+
+    from maptr.config import load_model_config, load_params
+
+    params = load_params(REPO_PARAMS)
+    params["model"]["preset"] = preset
+    return dataclasses.replace(load_model_config(params), **changes)
+
+
+def train_config(**changes):
+    """The repository's ``float`` section as a TrainConfig, with fields changed (``epochs=1``)."""
+    import dataclasses
+
+    from maptr.config import TrainConfig, load_params, load_section
+
+    return dataclasses.replace(load_section(load_params(REPO_PARAMS), "float", TrainConfig), **changes)
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +51,7 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def packed_world(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packed") / "packed"
-    pack_nuscenes(dataroot=str(tiny_world), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE, classes=CLASSES)
+    pack_nuscenes(dataroot=str(tiny_world), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE)
     return out
 
 

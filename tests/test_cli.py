@@ -35,9 +35,9 @@ def test_user_error_is_one_line_and_exit_code_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["pipeline/pack.py"])
 
     def main():
-        raise ParamsError("params.yaml: pack.sample_dist: expected float, got 'x'")
+        raise ParamsError("params.yaml: float.lr: expected a number, got 'x'")
 
     with pytest.raises(SystemExit) as exc:
         cli.run(main)
     assert exc.value.code == 2
-    assert capsys.readouterr().err == "error: params.yaml: pack.sample_dist: expected float, got 'x'\n"
+    assert capsys.readouterr().err == "error: params.yaml: float.lr: expected a number, got 'x'\n"

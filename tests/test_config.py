@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
+from maptr import config
 from maptr.config import ModelConfig, PackConfig, ParamsError, SynthConfig, load_model_config, load_params, load_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,3 +136,30 @@ def test_missing_section_names_it(tmp_path):
     path = write_params(tmp_path, lambda d: d.pop("pack"))
     with pytest.raises(ParamsError, match=r"params.yaml: pack: section missing \(add a `pack:` section"):
         load_section(load_params(path), "pack", PackConfig)
+
+
+def test_no_section_class_has_a_default_so_params_yaml_is_the_one_source():
+    """A default in the code would be a second value of the knob (they had drifted: lr 6e-4 vs 1e-3,
+    the abandoned 352x128 image size, preset tiny); every value comes from params.yaml."""
+    classes = [config.SynthConfig, config.PackConfig, config.TrainConfig, config.QATConfig, config.SensitivityConfig,
+               config.CalibrateConfig, config.ExportConfig, config.CompileConfig, config.ValidateConfig,
+               config.CriterionConfig, config.ModelConfig]  # fmt: skip
+    with_default = [
+        f"{cls.__name__}.{f.name}"
+        for cls in classes
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert with_default == []
+    with pytest.raises(TypeError):
+        config.TrainConfig()
+
+
+def test_every_pack_key_is_read_by_the_packer():
+    """pack.classes (could only equal the fixed list) and pack.sample_dist (read by nothing) are gone; a
+    params file that still sets them is told so."""
+    params = load_params(REPO / "params.yaml")
+    assert sorted(params["pack"]) == ["dataroot", "pc_range", "version"]
+    params["pack"]["sample_dist"] = 1.0
+    with pytest.raises(ParamsError, match=r"pack: unknown key\(s\) \['sample_dist'\]"):
+        load_section(params, "pack", PackConfig)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import model_config
 from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
 from maptr.config import ModelConfig
@@ -19,7 +20,7 @@ Q, Q_O2M, C = 6, 12, 3
 
 
 def tiny_config() -> ModelConfig:
-    cfg = ModelConfig()
+    cfg = model_config()
     cfg.num_pts_per_vec, cfg.decoder_layers, cfg.k_one2many = P, 3, 2
     cfg.num_vec_one2one, cfg.num_vec_one2many = Q, Q_O2M
     return cfg

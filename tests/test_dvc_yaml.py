@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from import_closure import REPO, closure
 
+from maptr.classes import CLASS_NAMES
 from maptr.config import load_params, parse_yaml
 
 DVC_YAML = parse_yaml((REPO / "dvc.yaml").read_text())
@@ -125,7 +126,7 @@ def test_command_line_names_every_input_and_output(name):
 def test_only_the_ladder_is_a_dvc_metric():
     """A handful of compared figures, none of them a wall-clock time (dvc.lock stays clean on a rerun)."""
     declared = [entry_name(e) for stage in STAGES.values() for e in stage.get("metrics", [])]
-    assert declared == ["metrics/ladder.json"] + [f"metrics/ladder/{c}.json" for c in PARAMS["pack"]["classes"]]
+    assert declared == ["metrics/ladder.json"] + [f"metrics/ladder/{c}.json" for c in CLASS_NAMES]
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PC_RANGE, write_micro_params
+from conftest import PC_RANGE, train_config, write_micro_params
 
-from maptr.config import SynthConfig, TrainConfig, load_model_config, load_params, load_section
+from maptr.config import SynthConfig, load_model_config, load_params, load_section
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg, decode_views
 from maptr.data.packing import pack_nuscenes
 from maptr.data.portable import PortableMapDataset, write_portable
@@ -161,8 +161,7 @@ def test_nuscenes_size_world_packs_and_loads_in_the_r50_preset_at_half_scale(tmp
         image_width=1600, image_height=900, jpeg_quality=synth.jpeg_quality, workers=1, check_variety=False,
         progress=False,
     )  # fmt: skip
-    pack_nuscenes(dataroot=str(world), version=synth.version, out=str(tmp_path / "packed"), pc_range=PC_RANGE,
-                  classes=["divider", "ped_crossing", "boundary"])  # fmt: skip
+    pack_nuscenes(dataroot=str(world), version=synth.version, out=str(tmp_path / "packed"), pc_range=PC_RANGE)
     r50 = preset_config(params, "r50")
     assert (r50.image_size, r50.bev_h, r50.bev_w, r50.num_vec_one2many) == ([800, 480], 200, 100, 300)
     dataset = PackedMapDataset(tmp_path / "packed", "train", DatasetOptions.from_model(r50))
@@ -219,7 +218,7 @@ def test_bf16_autocast_step_through_the_trainer_and_its_phases(packed_world, tmp
     parameters that move; StepPhases splits the step into parts that add up to it."""
     params = load_params(write_micro_params(tmp_path))
     model_cfg = load_model_config(params)
-    cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, ckpt_every_steps=0)
+    cfg = train_config(epochs=1, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, ckpt_every_steps=0)
     train = PackedMapDataset(packed_world, "train", DatasetOptions.from_model(model_cfg))
     torch.manual_seed(0)
     trainer = Trainer(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import model_config
 
-from maptr.config import ModelConfig
 from maptr.data.vectors import equivalent_orders, normalize_points
 from maptr.training.matcher import HungarianMatcher, build_matcher
 
@@ -109,7 +109,7 @@ def test_classification_cost_prefers_the_right_class() -> None:
 
 
 def test_empty_ground_truth_and_mixed_batch() -> None:
-    matcher = build_matcher(ModelConfig())
+    matcher = build_matcher(model_config())
     orders, valid = gt_tensors([(polyline(1.0), False)])
     empty_orders = torch.zeros(0, orders.shape[1], P, 2)
     empty_valid = torch.zeros(0, orders.shape[1], dtype=torch.bool)
@@ -127,7 +127,7 @@ def test_empty_ground_truth_and_mixed_batch() -> None:
 
 
 def test_builder_reads_the_criterion_weights() -> None:
-    cfg = ModelConfig()
+    cfg = model_config()
     cfg.criterion.match_cls_cost, cfg.criterion.match_pts_cost = 1.5, 7.0
     matcher = build_matcher(cfg)
     assert (matcher.cls_weight, matcher.pts_weight, matcher.pc_range) == (1.5, 7.0, cfg.pc_range)

@@ -209,14 +209,14 @@ def test_dvc_repro_and_exp_run_are_one_group_each(tmp_path, store):
     sh(dvc, "repro")
     repro_hash = pack_hash()
     assert dvc_dir_md5(repo / "data" / "packed") == repro_hash
-    sh(dvc, "exp", "run", "-S", "pack.sample_dist=2.0", "-n", "coarse-pack")
+    sh(dvc, "exp", "run", "-S", "pack.version=v1.0-trainval", "-n", "named-version")
 
     parents, children = _runs(store, role_group=True), _runs(store, role_group=False)
     assert len(parents) == 2
     repro, exp = parents
     assert repro.info.run_name.startswith(f"repro {rev[:7]} ") and repro.data.tags["git_revision"] == rev
-    assert exp.info.run_name == "coarse-pack (micro)" and exp.data.tags["dvc_experiment"] == "coarse-pack"
-    assert exp.data.params["pack.sample_dist"] == "2.0" and repro.data.params["pack.sample_dist"] == "1.0"
+    assert exp.info.run_name == "named-version (micro)" and exp.data.tags["dvc_experiment"] == "named-version"
+    assert exp.data.params["pack.version"] == "v1.0-trainval" and repro.data.params["pack.version"] == "auto"
     stages_of = {p.info.run_id: [] for p in parents}
     for child in children:
         stages_of[child.data.tags["mlflow.parentRunId"]].append(child.data.tags["stage"])

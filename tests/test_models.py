@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import model_config
 
 from maptr.config import ModelConfig, load_model_config, load_params
 from maptr.data.vectors import equivalent_orders, resample_polyline
@@ -366,7 +367,7 @@ def test_backbone_truncation_and_strides(tiny_cfg: ModelConfig):
     assert max(backbone.out_strides) == tiny_cfg.backbone_max_stride
     assert hasattr(backbone, "layer4") == (tiny_cfg.backbone_max_stride == 32)
     with pytest.raises(ValueError, match="backbone_max_stride"):
-        build_backbone(ModelConfig(feature_stride=16, backbone_max_stride=8))
+        build_backbone(model_config(feature_stride=16, backbone_max_stride=8))
 
 
 # --------------------------------------------------------------------------------------------------

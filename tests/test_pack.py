@@ -39,8 +39,7 @@ def test_packing_twice_gives_identical_files(tiny_world, tmp_path):
     digests = []
     for name in ("a", "b"):
         out = tmp_path / name
-        pack_nuscenes(dataroot=str(tiny_world), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE,
-                      classes=CLASSES)  # fmt: skip
+        pack_nuscenes(dataroot=str(tiny_world), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE)
         files = sorted(p for p in out.rglob("*") if p.is_file())
         digests.append({str(p.relative_to(out)): hashlib.md5(p.read_bytes()).hexdigest() for p in files})
     assert digests[0] == digests[1]
@@ -97,12 +96,10 @@ def test_broken_table_is_named(tiny_world, tmp_path):
     table = root / "v1.0-trainval" / "ego_pose.json"
     table.write_text(table.read_text()[:-20])
     with pytest.raises(PackError, match=r"ego_pose.json: malformed JSON table"):
-        pack_nuscenes(dataroot=str(root), version="v1.0-trainval", out=str(tmp_path / "o"), pc_range=PC_RANGE,
-                      classes=CLASSES)  # fmt: skip
+        pack_nuscenes(dataroot=str(root), version="v1.0-trainval", out=str(tmp_path / "o"), pc_range=PC_RANGE)
     (root / "v1.0-trainval" / "sensor.json").unlink()
     with pytest.raises(PackError, match=r"sensor.json: table missing"):
-        pack_nuscenes(dataroot=str(root), version="v1.0-trainval", out=str(tmp_path / "o"), pc_range=PC_RANGE,
-                      classes=CLASSES)  # fmt: skip
+        pack_nuscenes(dataroot=str(root), version="v1.0-trainval", out=str(tmp_path / "o"), pc_range=PC_RANGE)
     assert not (tmp_path / "o").exists()
 
 
@@ -112,7 +109,7 @@ def test_missing_image_is_named_and_nothing_is_left(tiny_world, tmp_path):
     victim.unlink()
     out = tmp_path / "packed"
     with pytest.raises(PackError, match=re.escape(f"{victim}: image listed in sample_data.json is missing")):
-        pack_nuscenes(dataroot=str(root), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE, classes=CLASSES)
+        pack_nuscenes(dataroot=str(root), version="v1.0-trainval", out=str(out), pc_range=PC_RANGE)
     assert not out.exists() and not list(tmp_path.glob("packed.tmp-*")), "a failed pack left output behind"
 
 

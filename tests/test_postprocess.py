@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import model_config
 
-from maptr.config import ModelConfig
 from maptr.evaluation import MapTRPostProcess, build_postprocess
 
 PC_RANGE = [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0]
@@ -67,7 +67,7 @@ def test_numpy_input_matches_torch_and_max_num_caps() -> None:
 
 
 def test_shape_errors_and_builder() -> None:
-    post = build_postprocess(ModelConfig())
+    post = build_postprocess(model_config())
     assert post.max_num == 50 and post.post_center_range == [-20.0, -35.0, 20.0, 35.0]
     with pytest.raises(ValueError, match="expected logits"):
         post(torch.zeros(1, 5, 3), torch.zeros(1, 4, 20, 2))

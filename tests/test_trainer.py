@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import float_train_cmd, float_train_env, write_micro_params
+from conftest import float_train_cmd, float_train_env, train_config, write_micro_params
 
-from maptr.config import TrainConfig, load_model_config, load_params
+from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
@@ -29,8 +29,8 @@ def make_trainer(packed: Path, tmp_path: Path, **overrides) -> Trainer:
     tmp_path.mkdir(parents=True, exist_ok=True)
     params = load_params(write_micro_params(tmp_path))
     model_cfg = load_model_config(params)
-    cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-3, warmup_steps=2, num_workers=0, ckpt_every_steps=1,
-                      log_every_steps=1, **overrides)  # fmt: skip
+    cfg = train_config(epochs=2, batch_size=2, lr=1e-3, backbone_lr_mult=0.1, warmup_steps=2, num_workers=0,
+                       augment=True, cache_mb=0, ckpt_every_steps=1, log_every_steps=1, **overrides)  # fmt: skip
     torch.manual_seed(cfg.seed)
     train = PackedMapDataset(packed, "train", DatasetOptions.from_model(model_cfg, augment=True, seed=cfg.seed))
     val = PackedMapDataset(packed, "val", DatasetOptions.from_model(model_cfg))
@@ -193,7 +193,8 @@ def test_tracking_server_lost_mid_training_does_not_stop_it(
     assert [h["mAP"] for h in state.history] == [0.5, 0.6] and (tmp_path / "best.pt").is_file()
     err = capsys.readouterr().err
     assert err.count("failed (API request to http://mlflow:5000") == 1  # warned once, not at every step
-    assert "the stage goes on" in err and "not logged: 6 x train metrics (step 3, ..., step 8), 2 x epoch metrics (step 1, step 2)" in err
+    assert "the stage goes on" in err
+    assert "not logged: 6 x train metrics (step 3, ..., step 8), 2 x epoch metrics (step 1, step 2)" in err
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):

@@ -35,7 +35,8 @@ from shapely import affinity, ops
 from shapely.geometry import LinearRing, LineString, MultiLineString, MultiPolygon, Polygon, box
 from shapely.strtree import STRtree
 
-CLASS_NAMES = ("divider", "ped_crossing", "boundary")
+from maptr.classes import CLASS_NAMES
+
 DIVIDER_LAYERS = ("road_divider", "lane_divider")
 BOUNDARY_LAYERS = ("road_segment", "lane")
 CROSSING_MARGIN = 0.2  # meters the crossing rings' clip box extends PAST the range

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from maptr.atomic import atomic_dir
 from maptr.data import rigid
-from maptr.data.map_vectors import CLASS_NAMES, MapGroundTruth
+from maptr.classes import CLASS_NAMES
+from maptr.data.map_vectors import MapGroundTruth
 from maptr.data.records import SampleRecord
 
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -183,7 +184,7 @@ def _check_no_empty_split(nusc, split_of: dict[str, str], dataroot: str, version
             )
 
 
-def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float], classes: list[str]) -> dict:
+def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float]) -> dict:
     """Pack ``dataroot`` into ``out`` atomically; returns the info dict (counts per split).
 
     Args:
@@ -191,12 +192,9 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
         version: ``v1.0-trainval``, ``v1.0-mini`` or ``auto`` (:func:`resolve_version`).
         out: output folder (replaced when packing succeeds, untouched when it fails).
         pc_range: perception range in the LiDAR frame, [x0, y0, z0, x1, y1, z1].
-        classes: must be the three MapTR classes, in order.
     """
     from nuscenes.utils import splits
 
-    if tuple(classes) != CLASS_NAMES:
-        raise PackError(f"pack.classes: expected {list(CLASS_NAMES)} (the MapTR classes), got {classes}")
     version = resolve_version(dataroot, version)
     if version not in SPLITS:
         raise PackError(f"pack.version: {version!r} is not one of {sorted(SPLITS)}")
@@ -213,7 +211,7 @@ def pack_nuscenes(*, dataroot: str, version: str, out: str, pc_range: list[float
             "version": version,
             "dataroot": str(dataroot),
             "pc_range": pc_range,
-            "classes": list(classes),
+            "classes": list(CLASS_NAMES),
             "cameras": list(CAMERAS),
             "num_samples": {s: len(v) for s, v in metas.items()},
         }

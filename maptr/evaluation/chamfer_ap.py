@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from maptr.classes import CLASS_NAMES
 from maptr.evaluation.buffer_overlap import BUFFER_WIDTH, buffers_intersect, sure_overlap
 
-CLASS_NAMES = ("divider", "ped_crossing", "boundary")
 NUM_SAMPLE_POINTS = 100  # points per polyline for the chamfer distance (MapTR's num_fixed_sample_pts)
 DEFAULT_THRESHOLDS = (0.5, 1.0, 1.5)  # meters
 _RESAMPLE_CHUNK = 2048  # polylines per resampling call

@@ -51,7 +51,6 @@ def _world_and_pack(
     size: tuple[int, int],
     jpeg_quality: int,
     pc_range: list[float],
-    classes: list[str],
 ) -> Path:
     """A synthetic world of ``scenes`` train scenes x ``samples`` key frames, packed; returns the packed root."""
     from maptr.data.packing import pack_nuscenes
@@ -73,7 +72,7 @@ def _world_and_pack(
         progress=False,
     )
     packed = root / f"{name}_packed"
-    pack_nuscenes(dataroot=str(world), version=version, out=str(packed), pc_range=pc_range, classes=classes)
+    pack_nuscenes(dataroot=str(world), version=version, out=str(packed), pc_range=pc_range)
     shutil.rmtree(world)
     return packed
 
@@ -107,7 +106,6 @@ def make_check_data(
         "version": synth.version,
         "jpeg_quality": synth.jpeg_quality,
         "pc_range": pack.pc_range,
-        "classes": pack.classes,
     }
     plans = {
         "r50.npz": {"scenes": 1, "samples": r50_samples, "size": NUSCENES_IMAGE_SIZE},

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from maptr.config import ModelConfig
+from maptr.config import CalibrateConfig, ModelConfig
 from maptr.data.transforms import normalized_pixel_range
 from maptr.models.maptr import MapTR, build_maptr
 from maptr.models.tensor_ops import Add, MatMul, Mul
@@ -79,6 +79,9 @@ class QuantConfig:
             inputs always use min/max: their grid is fine enough that clipping never pays).
         percentile: for the percentile observer.
         weight_reduce_range: 7-bit int8 weights (exact ONNX Runtime kernels on CPUs without VNNI).
+
+    The stages build it from the ``calibrate`` section (:meth:`from_calibrate`); the defaults only serve
+    uses where the observer does not matter (counting operators, building a structure to load into).
     """
 
     int16_ops: tuple[str, ...] = ()
@@ -98,6 +101,12 @@ class QuantConfig:
             "percentile": self.percentile,
             "weight_reduce_range": self.weight_reduce_range,
         }
+
+    @classmethod
+    def from_calibrate(cls, cfg: CalibrateConfig, int16_ops: tuple[str, ...] | list[str] = ()) -> QuantConfig:
+        """The quantization the ``calibrate`` section asks for, with ``int16_ops`` in int16."""
+        return cls(int16_ops=tuple(int16_ops), observer=cfg.observer, percentile=cfg.percentile,
+                   weight_reduce_range=cfg.weight_reduce_range)  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
