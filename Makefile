@@ -26,8 +26,16 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # The GPU check's data (~7 MB, git-ignored): made here, where synth and pack have their dependencies.
+# The metric's exact buffer test needs shapely, which the GPU machines lack: its wheel for their Python
+# (3.12, manylinux x86_64) is unpacked into data/gpu_check/site, used there only when shapely is missing.
+SHAPELY_WHEEL = shapely==2.0.7
 gpu-check-data: $(STAMP)
 	$(BIN)/python benchmarks/make_gpu_check_data.py --out data/gpu_check
+	rm -rf data/gpu_check/site data/gpu_check/wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 -d data/gpu_check/wheels '$(SHAPELY_WHEEL)'
+	$(BIN)/python -m zipfile -e data/gpu_check/wheels/shapely-*.whl data/gpu_check/site
+	rm -rf data/gpu_check/wheels
 
 # The GPU check itself, on a CUDA machine with its own torch: no venv, the source tree on PYTHONPATH
 # (benchmarks/gpu_check.py's docstring; README, "GPU"). Bring data/gpu_check along.

@@ -17,14 +17,18 @@ reports/gpu_check.md (the short table, also printed). Exit 0: all phases ran and
 failed or nano did not reach the target (the report says which); 2: no CUDA without --cpu-smoke, or
 no data (a one-line ``error: ...``).
 
-Data (git-ignored, ~7 MB; maptr/gpucheck/data.py): data/gpu_check/{r50.npz, learn.npz, manifest.json}.
+Data (git-ignored, ~7 MB + the ~9 MB shapely wheel below; maptr/gpucheck/data.py): data/gpu_check/{r50.npz,
+learn.npz, manifest.json, site/}.
 Make it on the pipeline's machine, which has the packer's lmdb / shapely / nuscenes-devkit:
 ``make gpu-check-data``. Bring it with the source tree: the device tool's ``carry`` is
 ``["data/gpu_check"]``; with scp / rsync, copy the folder to the same place.
 
 What the GPU machine needs: Python 3.12 with torch (CUDA), torchvision, numpy (1 or 2), OpenCV, SciPy,
-PyYAML, tqdm and onnxscript, all in the device image; no wheels to bring. It needs no lmdb, shapely,
-nuscenes-devkit, MLflow or DVC: the report lists the third-party modules the run imported.
+PyYAML, tqdm and onnxscript, all in the device image. It needs no lmdb, nuscenes-devkit, MLflow or DVC:
+the report lists the third-party modules the run imported. One wheel is brought: the chamfer metric's
+exact buffer test (the pairs its vectorized test cannot decide) needs shapely, so ``make gpu-check-data``
+unpacks shapely 2.0.7 for CPython 3.12 / manylinux x86_64 into data/gpu_check/site; it is used only
+where ``import shapely`` fails (the report's ``data.site_packages_brought`` says so).
 
 Budgets (SIZES below; ``--set KEY=INT`` changes one): the run is sized to end within 6 minutes on one
 H100 including start-up (imports, CUDA context, the torchrun job's start: ~20-40 s). ``--budget-s``
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import signal
@@ -243,6 +248,23 @@ def run_train_phase(args: argparse.Namespace, sizes: dict[str, Any], nproc: int)
 
 
 # --------------------------------------------------------------------------------------------------
+def bring_site_packages(data: Path) -> list[str]:
+    """Make the unpacked wheels of ``<data>/site`` (``make gpu-check-data``: shapely for Python 3.12)
+    importable, for the modules this machine lacks; returns those now taken from there. Appended after
+    the machine's own paths, so an installed copy always wins."""
+    site, brought = data / "site", []
+    if not site.is_dir():
+        return brought
+    for name in sorted(p.name for p in site.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            brought.append(name)
+    if brought:
+        sys.path.append(str(site))
+    return brought
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker == "train":
@@ -259,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = check_data(args.data, require_nuscenes_size=not args.cpu_smoke)
     except (ParamsError, CheckDataError, json.JSONDecodeError, ValueError) as exc:
         return _fail(str(exc))
+    manifest = {**manifest, "site_packages_brought": bring_site_packages(Path(args.data))}
     _configure_device(args.cpu_smoke)
     sizes = chosen_sizes(args)
     device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)

@@ -277,3 +277,23 @@ def test_out_of_memory_on_one_device_halves_the_batch(check_data_dir, monkeypatc
     with pytest.raises(torch.OutOfMemoryError):
         tb.train_bench(params, check_data_dir / "r50.npz", DistContext(), preset="nano", batch_size=1, warmup=1,
                        steps=1, num_workers=0, time_budget_s=10)  # fmt: skip
+
+
+def test_brought_wheels_serve_only_modules_the_machine_lacks(tmp_path, monkeypatch):
+    """data/gpu_check/site (make gpu-check-data: shapely for the GPU machine's Python) is put on the path
+    only for a package that does not import here, and after the machine's own paths."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_script", REPO / "benchmarks" / "gpu_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    site = tmp_path / "site"
+    for name in ("lacking_pkg_for_test", "numpy"):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("BROUGHT = True\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert script.bring_site_packages(tmp_path) == ["lacking_pkg_for_test"]  # numpy imports here: not brought
+    assert sys.path[-1] == str(site)
+    assert importlib.import_module("lacking_pkg_for_test").BROUGHT and not hasattr(np, "BROUGHT")
+    sys.modules.pop("lacking_pkg_for_test")
+    assert script.bring_site_packages(tmp_path / "nothing") == []
