@@ -4,6 +4,7 @@ matching), backward and fused AdamW, as float-train runs them.
     python benchmarks/bench_train_step.py                            # the params' preset, ~15 s
     python benchmarks/bench_train_step.py --presets tiny nano        # interleaved A/B, ~1 min
     python benchmarks/bench_train_step.py --set num_vec_one2many=50 --set k_one2many=2
+    python benchmarks/bench_train_step.py --precisions fp32 bf16   # bf16 autocast on the CPU, interleaved
 
 With several presets, each round times every preset on the same batches in turn (round-robin), so a
 change of the machine's speed hits them alike; the table gives each round's mean step time and the
@@ -23,10 +24,13 @@ from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
+from maptr.training.device import float_outputs
 
 
-def build_setup(params: dict, preset: str, overrides: list[str], packed: str, batch: int, batches: int):
-    """(step function, batches) of ``preset`` with ``key=value`` overrides of its fields."""
+def build_setup(params: dict, preset: str, overrides: list[str], packed: str, batch: int, batches: int,
+                precision: str = "fp32"):  # fmt: skip
+    """(step function, batches) of ``preset`` with ``key=value`` overrides of its fields; ``precision``
+    bf16 runs the forward under CPU bf16 autocast (the criterion in float32, as the trainer does)."""
     params = copy.deepcopy(params)
     params["model"]["preset"] = preset
     for item in overrides:
@@ -39,8 +43,12 @@ def build_setup(params: dict, preset: str, overrides: list[str], packed: str, ba
     model, criterion = build_maptr(cfg).train(), build_criterion(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
     def step(b: dict) -> None:
-        losses = criterion(model(b["img"], b["lidar2img"]), b)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            outputs = model(b["img"], b["lidar2img"])
+        losses = criterion(float_outputs(outputs), b)
         optimizer.zero_grad()
         criterion.total_loss(losses).backward()
         optimizer.step()
@@ -58,12 +66,18 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="different batches per round")
     p.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up")
     p.add_argument("--set", action="append", default=[], help="override a field of every preset, key=value")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="fp32 and/or bf16 autocast of the forward (each preset timed in each)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     presets = args.presets or [params["model"]["preset"]]
-    setups = {name: build_setup(params, name, args.set, args.packed, args.batch, args.batches) for name in presets}
-    rounds: dict[str, list[float]] = {name: [] for name in presets}
+    setups = {
+        f"{name}/{precision}": build_setup(params, name, args.set, args.packed, args.batch, args.batches, precision)
+        for name in presets
+        for precision in args.precisions
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in setups}
     for r in range(args.rounds):
         for name, (step, data) in setups.items():
             start = time.perf_counter()
@@ -76,7 +90,7 @@ def main() -> None:
     for name, times in rounds.items():
         mean = sum(times) / len(times)
         per_round = " ".join(f"{t * 1000:.0f}" for t in times)
-        print(f"  {name:<6} step {mean * 1000:.0f} ms ({args.batch / mean:.2f} samples/s); rounds: {per_round} ms")
+        print(f"  {name:<11} step {mean * 1000:.0f} ms ({args.batch / mean:.2f} samples/s); rounds: {per_round} ms")
 
 
 if __name__ == "__main__":
