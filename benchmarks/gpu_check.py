@@ -194,7 +194,6 @@ def train_worker(args: argparse.Namespace) -> int:
             steps=sizes["train_steps"],
             num_workers=workers,
             time_budget_s=sizes["train_budget_s"],
-            force_autocast=args.cpu_smoke,
         )
         document: dict[str, Any] = {"result": result, "device": describe_device(ctx.device)}
         status = 0

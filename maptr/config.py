@@ -75,7 +75,7 @@ class TrainConfig:
     num_workers: int
     augment: bool
     sync_bn: bool
-    bf16: bool
+    bf16: bool | str  # true | false | auto: bf16 autocast of the forward (maptr/training/device.py)
     threads: int  # torch intra-op threads per process; 0 = torch's default
     val_batch_size: int
     ckpt_every_steps: int  # resume checkpoint inside an epoch
@@ -414,7 +414,8 @@ _RANGES: dict[type, dict[str, Rule]] = {
                   "backbone_lr_mult": _NONNEG, "weight_decay": _NONNEG, "warmup_steps": _NONNEG,
                   "warmup_ratio": _PROB, "min_lr_ratio": _PROB, "grad_clip": _NONNEG,
                   "num_workers": _NONNEG, "threads": _NONNEG, "val_batch_size": _COUNT, "ckpt_every_steps": _NONNEG,
-                  "log_every_steps": _COUNT, "cache_mb": _NONNEG},
+                  "log_every_steps": _COUNT, "cache_mb": _NONNEG,
+                  "bf16": ((lambda v: v in (True, False, "auto")), "true, false or auto")},
     QATConfig: {"samples_per_epoch": _NONNEG},
     SensitivityConfig: {"calibration_batches": _COUNT, "num_batches": _COUNT, "batch_size": _COUNT,
                         "seed": _NONNEG, "threads": _NONNEG},

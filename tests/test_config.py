@@ -163,3 +163,15 @@ def test_every_pack_key_is_read_by_the_packer():
     params["pack"]["sample_dist"] = 1.0
     with pytest.raises(ParamsError, match=r"pack: unknown key\(s\) \['sample_dist'\]"):
         load_section(params, "pack", PackConfig)
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_bf16_takes_true_false_or_auto(tmp_path, value):
+    path = write_params(tmp_path, lambda d: d["float"].update(bf16=value))
+    assert load_section(load_params(path), "float", config.TrainConfig).bf16 == value
+
+
+def test_bf16_other_words_are_refused_with_the_choices(tmp_path):
+    path = write_params(tmp_path, lambda d: d["float"].update(bf16="yes"))
+    with pytest.raises(ParamsError, match=r"float.bf16: must be true, false or auto, got 'yes'"):
+        load_section(load_params(path), "float", config.TrainConfig)

@@ -204,10 +204,21 @@ def test_repeated_dataset_cycles_and_forwards_the_epoch(check_data_dir):
         repeated[20]
 
 
-def test_autocast_rule_and_float_outputs():
-    assert autocast_dtype(torch.device("cpu"), True) is None
-    assert autocast_dtype(torch.device("cuda"), True) is torch.bfloat16
-    assert autocast_dtype(torch.device("cuda"), False) is None
+def test_autocast_rule_and_float_outputs(monkeypatch):
+    """float.bf16: true autocasts on any device, false never, auto where bf16 is native (the CPU's flags)."""
+    from maptr.training import device as device_mod
+
+    for dev in ("cpu", "cuda"):
+        assert autocast_dtype(torch.device(dev), True) is torch.bfloat16
+        assert autocast_dtype(torch.device(dev), False) is None
+    from_cpuinfo = device_mod.cpu_has_native_bf16
+    for native in (True, False):
+        monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda native=native: native)
+        assert autocast_dtype(torch.device("cpu"), "auto") is (torch.bfloat16 if native else None)
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 vaes\n"
+    sapphire_rapids = "flags\t\t: avx512f amx_tile amx_int8 amx_bf16\n"
+    zen2 = "flags\t\t: fpu sse avx2 fma\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n"
+    assert from_cpuinfo(zen4) and from_cpuinfo(sapphire_rapids) and not from_cpuinfo(zen2)
     f32, idx = torch.ones(2), torch.arange(3)
     out = float_outputs({"a": torch.ones(2, dtype=torch.bfloat16), "b": [f32, (idx,)], "c": "x"})
     assert out["a"].dtype == torch.float32 and out["b"][0] is f32 and out["b"][1][0] is idx and out["c"] == "x"

@@ -63,7 +63,7 @@ def learn_check(
         eval_every: steps between validations (one epoch of the repeated set).
         batch_size: samples per step.
         time_budget_s: no new epoch starts after this many seconds.
-        bf16: autocast the forward to bfloat16 (float.bf16's rule: on CUDA only unless forced by the caller).
+        bf16: autocast the forward to bfloat16 (float.bf16 = true: on any device, the CPU smoke included).
     Returns:
         passed, steps, seconds, steps_to_target (or None), curve [{step, seconds, mAP, AP_*...}], settings.
     """
@@ -118,8 +118,6 @@ def learn_check(
             best_path=Path(tmp) / "best.pt",
             last_path=Path(tmp) / "last.pt",
         )
-        if device.type == "cpu" and bf16:
-            trainer.autocast_dtype = torch.bfloat16  # the CPU smoke runs the bf16 path on purpose
         try:
             trainer.fit()
         except _Stop as stop:

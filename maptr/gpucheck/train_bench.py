@@ -62,7 +62,6 @@ def _run_precision(
     num_workers: int,
     augment: bool,
     deadline: float,
-    force_autocast: bool,
 ) -> dict[str, Any]:
     """Warm-up then timed steps of one precision on this rank; the per-rank figures."""
     model_cfg = preset_config(params, preset)
@@ -94,8 +93,6 @@ def _run_precision(
             best_path=Path(tmp) / "best.pt",
             last_path=Path(tmp) / "last.pt",
         )
-        if force_autocast and precision == "bf16":
-            trainer.autocast_dtype = torch.bfloat16  # CPU smoke: run the bf16 path although float.bf16 is CUDA-only
         autocast = str(trainer.autocast_dtype).replace("torch.", "") if trainer.autocast_dtype else "none"
         trainer.model.train()
         phases = StepPhases(trainer.ddp or trainer.model, trainer.criterion, trainer.optimizer, ctx.device)
@@ -160,7 +157,6 @@ def train_bench(
     time_budget_s: float,
     augment: bool = True,
     precisions: tuple[str, ...] = ("fp32", "bf16"),
-    force_autocast: bool = False,
 ) -> dict[str, Any] | None:
     """Every precision's figures, gathered on rank 0 (None on other ranks).
 
@@ -170,7 +166,6 @@ def train_bench(
         warmup / steps: untimed then timed steps per precision (fewer when the time budget ends first).
         num_workers: loader processes per rank; time_budget_s: for all precisions together, split evenly.
         augment: the guide's colour jitter + GridMask in the loader.
-        force_autocast: autocast bf16 on a CPU too (the smoke run checks that path).
     Returns:
         {world_size, sync_bn, batch_size_per_rank, precisions: {name: {samples_per_s (all ranks), step
         split (ms), data wait (ms), peak memory per rank (MiB), losses, batch_size: per rank as run (halved
@@ -208,7 +203,6 @@ def train_bench(
                     num_workers=num_workers,
                     augment=augment,
                     deadline=deadline,
-                    force_autocast=force_autocast,
                 )
                 break
             except torch.OutOfMemoryError:

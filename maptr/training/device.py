@@ -1,8 +1,10 @@
 """Device handling shared by the trainer and the GPU check: autocast, output precision, synchronised
 phase timing of training steps, peak memory and a description of the device.
 
-The pipeline's rule for bf16 is ``float.bf16``: autocast on CUDA only (CPU autocast is slow and the
-CPU runs are fp32). The model's forward runs under autocast; the criterion always sees float32 outputs
+The pipeline's rule for bf16 is ``float.bf16``: ``true`` autocasts the forward to bfloat16 on any device,
+``false`` never, ``auto`` where the device computes bfloat16 natively (a CUDA GPU that supports it, a CPU
+with AVX512-BF16 or AMX-BF16; elsewhere CPU autocast emulates bf16 and is slower than float32). The
+model's forward runs under autocast; the criterion always sees float32 outputs
 (:func:`float_outputs`), so losses, matching costs and the focal terms are computed in float32 whatever
 the forward's precision.
 """
@@ -17,10 +19,34 @@ from typing import Any
 import torch
 from torch import nn
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bfloat16 arithmetic
 
-def autocast_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
-    """The forward's autocast dtype under the pipeline's rule: bfloat16 when asked for and on CUDA."""
-    return torch.bfloat16 if bf16 and device.type == "cuda" else None
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (``CPU_BF16_FLAGS`` in /proc/cpuinfo; False where
+    that file does not exist)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def autocast_dtype(device: torch.device, bf16: bool | str) -> torch.dtype | None:
+    """The forward's autocast dtype for ``float.bf16`` (true | false | auto, see the module docstring):
+    torch.bfloat16, or None for float32."""
+    if bf16 == "auto":
+        if device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+        else:
+            bf16 = device.type == "cpu" and cpu_has_native_bf16()
+    return torch.bfloat16 if bf16 is True else None
 
 
 @contextlib.contextmanager

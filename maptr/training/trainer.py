@@ -127,8 +127,9 @@ class Trainer:
         if ctx.distributed and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        # bf16 autocast of the forward (float.bf16, CUDA only); the GPU check's --cpu-smoke sets it on a CPU
+        # bf16 autocast of the forward (float.bf16: true | false | auto, maptr.training.device)
         self.autocast_dtype = autocast_dtype(ctx.device, cfg.bf16)
+        self.precision = "bf16" if self.autocast_dtype is not None else "fp32"
         self.ddp = DistributedDataParallel(model, find_unused_parameters=False) if ctx.distributed else None
         self.sampler = ResumableSampler(train_set, ctx.world_size, ctx.rank, cfg.seed)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
@@ -275,6 +276,9 @@ class Trainer:
 
     def fit(self) -> TrainState:
         cfg, ctx = self.cfg, self.ctx
+        self.tracker.set_tags({"precision": self.precision})  # what float.bf16 resolved to on this device
+        if ctx.is_main:
+            tqdm.write(f"{self.stage}: forward in {self.precision} (bf16: {cfg.bf16}) on {ctx.device}")
         for epoch in range(self.state.epoch, cfg.epochs):
             self.state.epoch = epoch
             self.model.train()
