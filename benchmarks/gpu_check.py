@@ -175,8 +175,8 @@ def _error(exc: BaseException) -> dict[str, Any]:
 # Phase 1 runs in a torchrun job: this same script with --worker train on every rank.
 # --------------------------------------------------------------------------------------------------
 def train_worker(args: argparse.Namespace) -> int:
+    from maptr.distributed import cleanup, init_distributed
     from maptr.gpucheck.train_bench import train_bench
-    from maptr.training.distributed import cleanup, init_distributed
 
     _configure_device(args.cpu_smoke)
     sizes = chosen_sizes(args)

@@ -44,11 +44,11 @@ def main() -> None:
 
     from maptr.config import TrainConfig, load_model_config, load_params, load_section
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.distributed import cleanup, init_distributed
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.evaluation.postprocess import build_postprocess
     from maptr.models.maptr import build_maptr
     from maptr.training.criterion import build_criterion
-    from maptr.training.distributed import cleanup, init_distributed
     from maptr.training.lineage import log_dataset
     from maptr.training.tracking import StageRun, check_tracking
     from maptr.training.trainer import Trainer

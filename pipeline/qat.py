@@ -37,13 +37,13 @@ def main() -> None:
     from maptr.atomic import write_text_atomic
     from maptr.config import QATConfig, load_model_config, load_params, load_section
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
+    from maptr.distributed import cleanup, init_distributed
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.evaluation.postprocess import build_postprocess
     from maptr.quant.qat import EpochSlices, check_fixed_activation_scales, exclude_quant_buffers_from_ddp
     from maptr.quant.quantizer import build_model_from_checkpoint
     from maptr.training.checkpoint import load_checkpoint
     from maptr.training.criterion import build_criterion
-    from maptr.training.distributed import cleanup, init_distributed
     from maptr.training.lineage import log_dataset, log_val_metrics
     from maptr.training.tracking import StageRun, check_tracking
     from maptr.training.trainer import Trainer

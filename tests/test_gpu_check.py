@@ -21,13 +21,13 @@ from maptr.data.portable import PortableMapDataset, write_portable
 from maptr.data.records import CorruptRecordError
 from maptr.data.synthetic import generate_world
 from maptr.data.transforms import fit_to_size
+from maptr.distributed import DistContext
 from maptr.gpucheck.common import RepeatedDataset, preset_config
 from maptr.gpucheck.data import CheckDataError, check_data, make_check_data, write_manifest
 from maptr.gpucheck.report import not_on_gpu_machine
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
 from maptr.training.device import PHASES, StepPhases, autocast_dtype, float_outputs
-from maptr.training.distributed import DistContext
 from maptr.training.tracking import StageRun
 from maptr.training.trainer import Trainer
 

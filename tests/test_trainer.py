@@ -12,12 +12,12 @@ from conftest import float_train_cmd, float_train_env, train_config, write_micro
 
 from maptr.config import load_model_config, load_params
 from maptr.data.dataset import DatasetOptions, PackedMapDataset
+from maptr.distributed import DistContext
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.models.maptr import build_maptr
 from maptr.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from maptr.training.criterion import build_criterion
-from maptr.training.distributed import DistContext
 from maptr.training.schedule import lr_factor
 from maptr.training.tracking import StageRun
 from maptr.training.trainer import Trainer, TrainingDiverged

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from maptr.data.dataset import PackedMapDataset, collate
+from maptr.distributed import DistContext, broadcast_from_main, gather_to_main
 from maptr.evaluation import evaluate
 from maptr.evaluation.postprocess import MapTRPostProcess
-from maptr.training.distributed import DistContext, broadcast_from_main, gather_to_main
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -22,12 +22,12 @@ import torch
 
 from maptr.data.dataset import DatasetOptions
 from maptr.data.portable import PortableMapDataset
+from maptr.distributed import DistContext
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
 from maptr.gpucheck.common import RepeatedDataset, preset_config, train_config
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
-from maptr.training.distributed import DistContext
 from maptr.training.tracking import StageRun
 from maptr.training.trainer import Trainer
 

@@ -26,11 +26,11 @@ import torch.distributed as dist
 
 from maptr.data.dataset import DatasetOptions
 from maptr.data.portable import PortableMapDataset
+from maptr.distributed import DistContext, gather_to_main
 from maptr.gpucheck.common import RepeatedDataset, preset_config, seconds_stats, train_config
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
 from maptr.training.device import PHASES, StepPhases, peak_memory_mib, reset_peak_memory, synchronize
-from maptr.training.distributed import DistContext, gather_to_main
 from maptr.training.tracking import StageRun
 from maptr.training.trainer import Trainer
 

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from maptr.config import TrainConfig
 from maptr.data.dataset import PackedMapDataset, collate
+from maptr.distributed import DistContext, barrier, mean_across_ranks
 from maptr.training.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors, save_checkpoint
 from maptr.training.device import autocast, autocast_dtype, float_outputs
-from maptr.training.distributed import DistContext, barrier, mean_across_ranks
 from maptr.training.schedule import build_scheduler
 from maptr.training.tracking import StageRun
 

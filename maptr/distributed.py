@@ -2,6 +2,7 @@
 
 The same script runs alone (world size 1, no process group) or under ``torchrun --nproc_per_node=N``
 (optionally ``--nnodes``): gloo on CPU, nccl on GPU. Only rank 0 writes files and logs to MLflow.
+Training and evaluation (a val pass sharded over ranks) both use it, so it sits beside them, in neither.
 """
 
 from __future__ import annotations
