@@ -13,8 +13,6 @@ calibration checkpoint) from the resume checkpoint, which is kept outside DVC's 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from maptr import cli
@@ -32,31 +30,16 @@ def main() -> None:
     # Imported after parsing: `--help` answers without loading torch.
     from dataclasses import asdict
 
-    import torch
-
-    from maptr.atomic import write_text_atomic
-    from maptr.config import QATConfig, load_model_config, load_params, load_section
-    from maptr.data.dataset import DatasetOptions, PackedMapDataset
-    from maptr.distributed import cleanup, init_distributed
-    from maptr.evaluation.inference import evaluate_model, torch_predictor
+    from maptr.config import QATConfig
     from maptr.evaluation.postprocess import build_postprocess
     from maptr.quant.qat import EpochSlices, check_fixed_activation_scales, exclude_quant_buffers_from_ddp
     from maptr.quant.quantizer import build_model_from_checkpoint
     from maptr.training.checkpoint import load_checkpoint
     from maptr.training.criterion import build_criterion
-    from maptr.training.lineage import log_dataset, log_val_metrics
-    from maptr.training.tracking import StageRun, check_tracking
-    from maptr.training.trainer import Trainer
+    from maptr.training.stage import TrainingStage, run_fingerprint
 
-    params = load_params(args.params)
-    cfg = load_section(params, "qat", QATConfig)
-    model_cfg = load_model_config(params)
-    check_tracking()
-    ctx = init_distributed()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-
+    stage = TrainingStage("qat", "qat", QATConfig, args)
+    cfg, model_cfg, ctx = stage.cfg, stage.model_cfg, stage.ctx
     ckpt = load_checkpoint(args.calibration_checkpoint, expect_preset=model_cfg.preset)
     if "quant" not in ckpt:
         raise cli.UserError(f"{args.calibration_checkpoint}: not a calibration checkpoint (no quantization config)")
@@ -65,51 +48,27 @@ def main() -> None:
     exclude_quant_buffers_from_ddp(model)
     quant = ckpt["quant"]
 
-    train_set = PackedMapDataset(
-        args.packed, "train", DatasetOptions.from_model(model_cfg, cfg.augment, cfg.seed, cfg.cache_mb)
-    )
+    train_set, val_set = stage.datasets()
     if cfg.samples_per_epoch > 0:
         train_set = EpochSlices(train_set, cfg.samples_per_epoch, cfg.seed)
-    val_set = PackedMapDataset(args.packed, "val", DatasetOptions.from_model(model_cfg, False, cfg.seed, cfg.cache_mb))
-    post = build_postprocess(model_cfg)
+    validation = stage.validation(val_set, build_postprocess(model_cfg))
 
-    def validate(m: torch.nn.Module) -> dict[str, float]:
-        metrics, _ = evaluate_model(
-            torch_predictor(m, ctx.device), val_set, post, batch_size=cfg.val_batch_size, num_workers=0, ctx=ctx
-        )
-        return metrics
-
-    run_id = hashlib.sha256(
-        json.dumps([asdict(cfg), asdict(model_cfg), ctx.world_size], sort_keys=True, default=str).encode()
-        + Path(args.calibration_checkpoint).read_bytes()
-        + (Path(args.packed) / "metas" / "train.json").read_bytes()
-    ).hexdigest()[:16]
-    stage_params = {"qat": asdict(cfg), "model": asdict(model_cfg), "int16_operators": len(quant["int16_ops"])}
-    with StageRun("qat", stage_params, enabled=ctx.is_main, params_file=args.params, system_metrics=True) as run:
-        log_dataset(run, args.packed, "training")
-        trainer = Trainer(
-            model=model, criterion=build_criterion(model_cfg), train_set=train_set, validate=validate, cfg=cfg,
-            ctx=ctx, tracker=run, stage="qat", preset=model_cfg.preset, best_path=args.best, last_path=args.last,
+    # One JSON part for the params, then the files: another layout would make every resume checkpoint on disk
+    # (and the fingerprint in the best one) look like another run's.
+    run_id = run_fingerprint(
+        [asdict(cfg), asdict(model_cfg), ctx.world_size],
+        Path(args.calibration_checkpoint).read_bytes(),
+        (Path(args.packed) / "metas" / "train.json").read_bytes(),
+    )
+    with stage.tracked(int16_operators=len(quant["int16_ops"])) as run:
+        state = stage.train(
+            run, model=model, criterion=build_criterion(model_cfg), train_set=train_set, validate=validation,
             fingerprint=run_id, extra_state=lambda: {"quant": quant},
         )  # fmt: skip
-        if args.resume:
-            message = trainer.resume()
-            if ctx.is_main:
-                print(message)
-        state = trainer.fit()
         check_fixed_activation_scales(model)  # nothing in training may have touched them
         if ctx.is_main:
-            best = max(state.history, key=lambda h: h["mAP"])
-            metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
-            metrics.update(best_epoch=best["epoch"], epochs=len(state.history))
-            write_text_atomic(args.metrics, json.dumps(metrics, indent=2))
-            write_text_atomic(args.curve, json.dumps(state.history, indent=2))
-            log_val_metrics(run, metrics, model=args.best, source=args.calibration_checkpoint)
-            run.log_metrics({"best_epoch": best["epoch"], "epochs": len(state.history)})
-            for path in (args.metrics, args.curve):
-                run.log_artifact(path)
-            run.log_artifact(args.best, artifact_path="checkpoints")
-    cleanup(ctx)
+            stage.write_metrics(run, state.history, source=args.calibration_checkpoint)
+    stage.close()
 
 
 if __name__ == "__main__":
