@@ -77,7 +77,7 @@ def main() -> None:
     int16_ops: list[str] = []
     if Path(args.sensitivity).is_file():
         report = json.loads(Path(args.sensitivity).read_text())
-        k = int16_topk_for_params(params, report["num_operators"], cal_cfg.int16_topk, cal_cfg.int16_topk_preset)
+        k = int16_topk_for_params(params, cal_cfg.int16_topk, cal_cfg.int16_topk_preset)
         int16_ops = top_operators(report, k, cal_cfg.int16_exclude)
     options = DatasetOptions.from_model(model_cfg)
     train_set = PackedMapDataset(args.packed, "train", options)

@@ -107,13 +107,13 @@ def sensitive_operators(path: str, params: dict, cfg, preset: str) -> list[str]:
         raise cli.UserError(
             f"{path}: not valid JSON (truncated or corrupt: {exc}); re-run the sensitivity stage"
         ) from None
-    if not isinstance(report, dict) or not {"operators", "num_operators"} <= set(report):
+    if not isinstance(report, dict) or "operators" not in report:
         raise cli.UserError(f"{path}: not a sensitivity report (no operators table); re-run the sensitivity stage")
     if report.get("preset") != preset:
         raise cli.UserError(
             f"{path} ranks preset {report.get('preset')!r}, params select {preset!r}; re-run sensitivity"
         )
-    k = int16_topk_for_params(params, report["num_operators"], cfg.int16_topk, cfg.int16_topk_preset)
+    k = int16_topk_for_params(params, cfg.int16_topk, cfg.int16_topk_preset)
     return top_operators(report, k, cfg.int16_exclude)
 
 

@@ -116,7 +116,6 @@ def main() -> None:
 def _int16_from_report(path: str, params: dict, model_cfg) -> tuple[list[str], str]:
     """The top-k of a sensitivity report made for this preset, with calibrate's k rule; else none."""
     from maptr.config import CalibrateConfig, load_section
-    from maptr.quant.quantizer import count_quantized_operators
     from maptr.quant.sensitivity import int16_topk_for_params, top_operators
 
     report_path = Path(path)
@@ -126,7 +125,7 @@ def _int16_from_report(path: str, params: dict, model_cfg) -> tuple[list[str], s
     if report.get("preset") != model_cfg.preset:
         return [], f"{path} ranks preset {report.get('preset')!r}: all activations 8-bit"
     cfg = load_section(params, "calibrate", CalibrateConfig)
-    k = int16_topk_for_params(params, count_quantized_operators(model_cfg), cfg.int16_topk, cfg.int16_topk_preset)
+    k = int16_topk_for_params(params, cfg.int16_topk, cfg.int16_topk_preset)
     return top_operators(report, k, cfg.int16_exclude), f"int16 inputs for the top {k} of {path}"
 
 

@@ -77,7 +77,7 @@ def main() -> None:
     rows = rank_operators(model, batches, model_cfg.pc_range, with_weights=cfg.with_weights)
     seconds = time.perf_counter() - start
 
-    k = int16_topk_for_params(params, len(rows), cal_cfg.int16_topk, cal_cfg.int16_topk_preset)
+    k = int16_topk_for_params(params, cal_cfg.int16_topk, cal_cfg.int16_topk_preset)
     # No run time in the report: calibrate reads it, and a new time would make DVC rerun everything after.
     report = sensitivity_report(
         rows, preset=model_cfg.preset, num_operators=len(rows), int16_topk=k,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from maptr.config import CalibrateConfig, ModelConfig, load_params, load_section
+from maptr.config import CalibrateConfig, ModelConfig, load_model_config, load_params, load_section
 from maptr.data.transforms import PIXEL_OFFSET, PIXEL_SCALE
 from maptr.deploy.onnx_export import example_inputs
 from maptr.models.maptr import MapTR, build_maptr
@@ -25,7 +25,14 @@ from maptr.quant.quantizer import (
     quantize_model,
     quantized_operators,
 )
-from maptr.quant.sensitivity import excluded, int16_topk, rank_operators, sensitivity_report, top_operators
+from maptr.quant.sensitivity import (
+    excluded,
+    int16_topk,
+    int16_topk_for_params,
+    rank_operators,
+    sensitivity_report,
+    top_operators,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,6 +195,17 @@ def test_int16_topk_is_the_reference_fraction():
     assert int16_topk(112, 0, 290) == 0  # ... unless asked for none
     with pytest.raises(ValueError):
         int16_topk(10, 3, 0)
+
+
+@pytest.mark.parametrize(("preset", "num_ops", "k"), [("nano", 84, 10), ("tiny", 93, 11), ("r50", 247, 30)])
+def test_int16_topk_of_each_preset_counts_its_operators_from_the_config(preset, num_ops, k):
+    """The k that sensitivity, calibrate and check_model use: one count (the figures docs/quantization.md
+    quotes), however much of a ranking or report the caller holds."""
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params["model"]["preset"] = preset
+    cal = load_section(params, "calibrate", CalibrateConfig)
+    assert count_quantized_operators(load_model_config(params)) == num_ops
+    assert int16_topk_for_params(params, cal.int16_topk, cal.int16_topk_preset) == k
 
 
 def test_quant_config_round_trips_and_validates():

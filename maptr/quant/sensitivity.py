@@ -204,10 +204,15 @@ def int16_topk(num_ops: int, reference_topk: int, reference_num_ops: int) -> int
     return max(1, min(num_ops, round(reference_topk * num_ops / reference_num_ops)))
 
 
-def int16_topk_for_params(params: dict[str, Any], num_ops: int, topk: int, topk_preset: str) -> int:
-    """:func:`int16_topk` with the reference operator count of preset ``topk_preset`` of a params dict."""
+def int16_topk_for_params(params: dict[str, Any], topk: int, topk_preset: str) -> int:
+    """:func:`int16_topk` for the preset that a params dict selects, ``topk`` being k of preset ``topk_preset``.
+
+    Both operator counts come from :func:`count_quantized_operators` (the preset's config alone), so that
+    sensitivity, calibrate and the model checker, which hold different things (a ranking, a report, a
+    model), get the same k.
+    """
     reference = load_model_config({**params, "model": {**params["model"], "preset": topk_preset}})
-    return int16_topk(num_ops, topk, count_quantized_operators(reference))
+    return int16_topk(count_quantized_operators(load_model_config(params)), topk, count_quantized_operators(reference))
 
 
 def sensitivity_report(rows: list[OperatorSensitivity], **meta: Any) -> dict[str, Any]:
