@@ -18,6 +18,8 @@ layer's prediction, and are detached before they become the next layer's referen
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +34,16 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x), clamped so that points at 0 or 1 stay finite."""
     x = x.clamp(0.0, 1.0)
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+class DecoderContext(NamedTuple):
+    """What every decoder layer of one forward reads besides the queries and their reference points."""
+
+    query_pos: Tensor  # (B, Q*P, C) positional half of the queries
+    bev: Tensor  # (B, H*W, C) BEV features
+    bev_shape: tuple[int, int]  # (H, W)
+    group_sizes: list[int]  # instances per group, summing to Q (e.g. [50, 300] in training, [50] in eval)
+    points_per_instance: int  # P
 
 
 class DecoupledDecoderLayer(nn.Module):
@@ -59,28 +71,17 @@ class DecoupledDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(embed_dims)
         self.ffn = FeedForward(embed_dims=embed_dims, ffn_dims=ffn_dims, dropout=dropout)
 
-    def forward(
-        self,
-        query: Tensor,
-        query_pos: Tensor,
-        reference_points: Tensor,
-        bev: Tensor,
-        bev_shape: tuple[int, int],
-        group_sizes: list[int],
-        points_per_instance: int,
-    ) -> Tensor:
+    def forward(self, query: Tensor, reference_points: Tensor, context: DecoderContext) -> Tensor:
         """
         Args:
-            query: (B, Q*P, C); query_pos: (B, Q*P, C).
+            query: (B, Q*P, C).
             reference_points: (B, Q*P, 2) normalized BEV (x, y) in [0, 1].
-            bev: (B, H*W, C) BEV features; bev_shape: (H, W).
-            group_sizes: instances per group, summing to Q (e.g. [50, 300] in training, [50] in eval).
-            points_per_instance: P.
+            context: the positional codes, the BEV features and the query layout.
         Returns:
             (B, Q*P, C).
         """
+        query_pos, bev, bev_shape, group_sizes, num_points = context
         batch, num_query, channels = query.shape
-        num_points = points_per_instance
         num_instances = num_query // num_points
 
         # 1. Instance self-attention: one sequence of Q instances per (batch, point index).
@@ -115,40 +116,19 @@ class DecoupledDecoderLayer(nn.Module):
 class MapDecoder(nn.Module):
     """A stack of decoupled layers with iterative reference-point refinement."""
 
-    def __init__(
-        self,
-        embed_dims: int,
-        num_heads: int,
-        ffn_dims: int,
-        num_layers: int,
-        sampling_points: int,
-        dropout: float,
-    ) -> None:
+    def __init__(self, layers: list[DecoupledDecoderLayer]) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"the decoder needs at least one layer, got {num_layers}")
-        self.layers = nn.ModuleList(
-            [
-                DecoupledDecoderLayer(embed_dims, num_heads, ffn_dims, sampling_points, dropout)
-                for _ in range(num_layers)
-            ]
-        )
+        if not layers:
+            raise ValueError("the decoder needs at least one layer, got none")
+        self.layers = nn.ModuleList(layers)
 
     def forward(
-        self,
-        query: Tensor,
-        query_pos: Tensor,
-        reference_points: Tensor,
-        bev: Tensor,
-        bev_shape: tuple[int, int],
-        group_sizes: list[int],
-        points_per_instance: int,
-        reg_branches: nn.ModuleList,
+        self, query: Tensor, reference_points: Tensor, context: DecoderContext, reg_branches: nn.ModuleList
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
-            query, query_pos: (B, Q*P, C); reference_points: (B, Q*P, 2) initial, normalized.
-            bev: (B, H*W, C); bev_shape: (H, W); group_sizes, points_per_instance: as in the layer.
+            query: (B, Q*P, C); reference_points: (B, Q*P, 2) initial, normalized.
+            context: what every layer reads besides those two (:class:`DecoderContext`).
             reg_branches: one module per layer mapping (B, Q*P, C) -> (B, Q*P, 2) deltas in logit space.
         Returns:
             hidden: per layer (B, Q*P, C); points: per layer (B, Q*P, 2) refined normalized points
@@ -156,7 +136,7 @@ class MapDecoder(nn.Module):
         """
         hidden, points = [], []
         for layer, reg_branch in zip(self.layers, reg_branches, strict=True):
-            query = layer(query, query_pos, reference_points, bev, bev_shape, group_sizes, points_per_instance)
+            query = layer(query, reference_points, context)
             refined = (reg_branch(query) + inverse_sigmoid(reference_points)).sigmoid()  # (B, Q*P, 2)
             hidden.append(query)
             points.append(refined)
@@ -166,11 +146,5 @@ class MapDecoder(nn.Module):
 
 
 def build_map_decoder(cfg: ModelConfig) -> MapDecoder:
-    return MapDecoder(
-        embed_dims=cfg.embed_dims,
-        num_heads=cfg.num_heads,
-        ffn_dims=cfg.ffn_dims,
-        num_layers=cfg.decoder_layers,
-        sampling_points=cfg.decoder_points,
-        dropout=cfg.dropout,
-    )
+    layer = (cfg.embed_dims, cfg.num_heads, cfg.ffn_dims, cfg.decoder_points, cfg.dropout)
+    return MapDecoder([DecoupledDecoderLayer(*layer) for _ in range(cfg.decoder_layers)])

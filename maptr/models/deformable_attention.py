@@ -180,11 +180,3 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must be 4-D or 5-D, got shape {tuple(reference_points.shape)}")
         output = deformable_sample(value, spatial_shapes, locations, weights, self.weight_product)  # (B*G, Lq, C)
         return self.output_proj(output)
-
-
-def build_deformable_attention(
-    embed_dims: int, num_heads: int, num_levels: int, num_points: int
-) -> MultiScaleDeformableAttention:
-    return MultiScaleDeformableAttention(
-        embed_dims=embed_dims, num_heads=num_heads, num_levels=num_levels, num_points=num_points
-    )

@@ -34,7 +34,3 @@ class FeedForward(nn.Module):
         """x: (..., C) -> (..., C)."""
         hidden = self.dropout1(self.activation(self.linear1(x)))  # (..., F)
         return self.norm(self.residual_add(x, self.dropout2(self.linear2(hidden))))
-
-
-def build_feed_forward(embed_dims: int, ffn_dims: int, dropout: float) -> FeedForward:
-    return FeedForward(embed_dims=embed_dims, ffn_dims=ffn_dims, dropout=dropout)

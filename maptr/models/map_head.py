@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from maptr.config import ModelConfig
-from maptr.models.decoder import MapDecoder
+from maptr.models.decoder import DecoderContext, MapDecoder
 
 
 def _class_branch(embed_dims: int, num_classes: int) -> nn.Sequential:
@@ -113,9 +113,8 @@ class MapHead(nn.Module):
         query_pos, query = torch.split(embed, self.embed_dims, dim=-1)  # (B, Q*P, C) each
         reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q*P, 2)
 
-        hidden, points = self.decoder(
-            query, query_pos, reference_points, bev, self.bev_shape, group_sizes, num_pts, self.reg_branches
-        )
+        context = DecoderContext(query_pos, bev, self.bev_shape, group_sizes, num_pts)
+        hidden, points = self.decoder(query, reference_points, context, self.reg_branches)
         layer_logits, layer_points = [], []
         for state, refined, cls_branch in zip(hidden, points, self.cls_branches, strict=True):
             per_instance = state.view(batch, num_instances, num_pts, self.embed_dims).mean(dim=2)  # (B, Q, C)

@@ -59,7 +59,3 @@ class MultiHeadAttention(nn.Module):
         out = self.value_matmul(logits.softmax(-1), v)  # (N, M, Lq, D)
         out = out.transpose(1, 2).reshape(n, num_query, self.embed_dims)  # (N, Lq, C)
         return self.out_proj(out)
-
-
-def build_multihead_attention(embed_dims: int, num_heads: int) -> MultiHeadAttention:
-    return MultiHeadAttention(embed_dims=embed_dims, num_heads=num_heads)

@@ -35,7 +35,3 @@ class LearnedPositionalEncoding(nn.Module):
         rows = rows[:, None, :].expand(-1, self.num_cols, -1)  # (H, W, C/2)
         cols = cols[None, :, :].expand(self.num_rows, -1, -1)  # (H, W, C/2)
         return torch.cat([cols, rows], dim=-1).flatten(0, 1)  # (H*W, C)
-
-
-def build_positional_encoding(embed_dims: int, bev_h: int, bev_w: int) -> LearnedPositionalEncoding:
-    return LearnedPositionalEncoding(embed_dims=embed_dims, num_rows=bev_h, num_cols=bev_w)
