@@ -63,42 +63,59 @@ class SpatialCrossAttention(nn.Module):
         Returns:
             (B, Lq, C): mean over the cameras that see each cell; exactly zero where no camera does.
         """
-        if self.gather_visible and not visible.is_meta:  # meta tensors have no values to select pairs by
-            return self._attend_visible_pairs(query, camera_features, feature_shape, reference_points, visible)
-        batch, num_cams, num_query = visible.shape
-        ref = reference_points.flatten(0, 1)  # (B*Ncam, Lq, A, 2)
-        ref = ref.unsqueeze(2)  # (B*Ncam, Lq, L=1, A, 2)
-        per_camera = self.attention(
-            query, ref, camera_features, [feature_shape], value_groups=num_cams
-        )  # (B*Ncam, Lq, C)
-        per_camera = per_camera.view(batch, num_cams, num_query, -1)  # (B, Ncam, Lq, C)
-        per_camera = per_camera * visible.unsqueeze(-1)  # invisible cameras contribute nothing
-        count = visible.sum(dim=1).clamp(min=1.0)  # (B, Lq); clamp: unseen cells stay 0, not NaN
-        return per_camera.sum(dim=1) / count.unsqueeze(-1)  # (B, Lq, C)
-
-    def _attend_visible_pairs(
-        self,
-        query: Tensor,
-        camera_features: Tensor,
-        feature_shape: tuple[int, int],
-        reference_points: Tensor,
-        visible: Tensor,
-    ) -> Tensor:
-        """The dense path's result from the K visible (batch, camera, query) triples only.
-
-        The B*Ncam camera maps are stacked into one tall map per head (with zero rows between them) so
-        that one ``grid_sample`` serves every pair; each pair's y coordinate is shifted into its camera's
-        rows. Shapes as in :meth:`forward`.
-        """
         attn = self.attention
         batch, num_cams, num_query = visible.shape
-        height, width = feature_shape
-        heads, points, channels = attn.num_heads, attn.num_points, attn.embed_dims
-        head_dims = channels // heads
-        anchors = reference_points.shape[3]
-        pair_batch, pair_cam, pair_query = visible.nonzero(as_tuple=True)  # (K,) each
-        num_pairs = pair_batch.shape[0]
+        channels = attn.embed_dims
+        if not self.gather_visible or visible.is_meta:  # meta tensors have no values to select pairs by
+            ref = reference_points.flatten(0, 1).unsqueeze(2)  # (B*Ncam, Lq, L=1, A, 2)
+            per_camera = attn(query, ref, camera_features, [feature_shape], value_groups=num_cams)  # (B*Ncam, Lq, C)
+            per_camera = per_camera.view(batch, num_cams, num_query, -1)  # (B, Ncam, Lq, C)
+            summed = (per_camera * visible.unsqueeze(-1)).sum(dim=1)  # invisible cameras contribute nothing
+        else:
+            # The dense path's result from the K visible (batch, camera, query) triples only.
+            pairs = visible.nonzero(as_tuple=True)  # (K,) each
+            num_pairs = pairs[0].shape[0]
+            locations, weights = self._pair_locations(query, reference_points, pairs, num_pairs, feature_shape)
+            value = self._tall_value_map(camera_features, feature_shape)  # (M, D, B*Ncam*(h + gap), w)
+            # Each pair's y moves into its camera's rows. Pixel rows (centre of row i at i); beyond -1.5 /
+            # h + 0.5 a sample only reads zero rows in both paths, so the clamp changes nothing but keeps it
+            # inside its camera's gap.
+            height, stride = feature_shape[0], feature_shape[0] + _CAMERA_GAP_ROWS
+            rows = (locations[..., 1] * height - 0.5).clamp(-1.5, height + 0.5)  # (K, M, P)
+            camera = (pairs[0] * num_cams + pairs[1]).to(query.dtype)  # (K,)
+            tall_rows = rows + (camera * stride)[:, None, None]  # (K, M, P)
+            grid_y = (tall_rows + 0.5) * (2.0 / (batch * num_cams * stride)) - 1.0  # align_corners=False
+            grid_x = 2.0 * locations[..., 0] - 1.0  # (K, M, P)
+            grid = torch.stack([grid_x, grid_y], dim=-1).permute(1, 0, 2, 3)  # (M, K, P, 2)
+            sampled = F.grid_sample(
+                value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )  # (M, D, K, P)
+            pair_weights = weights[pairs[0], pairs[2]].permute(1, 0, 2).unsqueeze(1)  # (M, 1, K, P)
+            attended = attn.weight_product(sampled, pair_weights).sum(-1)  # (M, D, K)
+            attended = attended.permute(2, 0, 1).reshape(num_pairs, channels)  # (K, M*D)
+            attended = attn.output_proj(attended)  # (K, C)
+            summed = query.new_zeros(batch * num_query, channels)
+            # Under bf16 autocast the projection is bf16; the sum over cameras stays in the query's dtype.
+            summed = summed.index_add(0, pairs[0] * num_query + pairs[2], attended.to(summed.dtype))  # (B*Lq, C)
+        count = visible.sum(dim=1).clamp(min=1.0)  # (B, Lq); clamp: unseen cells stay 0, not NaN
+        return summed.view(batch, num_query, channels) / count.unsqueeze(-1)  # (B, Lq, C)
 
+    def _pair_locations(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        pairs: tuple[Tensor, ...],
+        num_pairs: int,
+        feature_shape: tuple[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """Sampling locations of the K visible pairs, (K, M, P, 2) in [0, 1], and the attention weights of
+        every query, (B, Lq, M, P). ``pairs``: the (batch, camera, query) indices of the pairs, (K,) each."""
+        attn = self.attention
+        batch, num_query = query.shape[:2]
+        height, width = feature_shape
+        heads, points = attn.num_heads, attn.num_points
+        anchors = reference_points.shape[3]
+        pair_batch, pair_cam, pair_query = pairs
         # Offsets and weights depend on the query only (as in the dense path): computed per query,
         # then gathered per pair.
         offsets = attn.sampling_offsets(query).view(batch, num_query, heads, points, 2)  # cells
@@ -107,45 +124,22 @@ class SpatialCrossAttention(nn.Module):
         offsets = offsets[pair_batch, pair_query]  # (K, M, P, 2)
         offsets = offsets.view(num_pairs, heads, points // anchors, anchors, 2)  # anchor index fastest
         ref = reference_points[pair_batch, pair_cam, pair_query]  # (K, A, 2)
-        locations = attn.location_add(ref[:, None, None], offsets).flatten(2, 3)  # (K, M, P, 2) in [0, 1]
+        return attn.location_add(ref[:, None, None], offsets).flatten(2, 3), weights
 
-        # Tall map: camera map c occupies rows [c * (h + gap), c * (h + gap) + h).
+    def _tall_value_map(self, camera_features: Tensor, feature_shape: tuple[int, int]) -> Tensor:
+        """(B*Ncam, h*w, C) -> (M, D, B*Ncam*(h + gap), w): the projected camera maps of each head stacked
+        into one tall map (camera map c in rows [c * (h + gap), c * (h + gap) + h), zero rows between), so
+        that one ``grid_sample`` serves every pair."""
+        attn = self.attention
+        height, width = feature_shape
+        heads = attn.num_heads
+        head_dims = attn.embed_dims // heads
+        num_maps = camera_features.shape[0]
         value = attn.value_proj(camera_features)  # (B*Ncam, h*w, C)
-        value = value.view(batch * num_cams, height, width, heads, head_dims)
+        value = value.view(num_maps, height, width, heads, head_dims)
         value = value.permute(3, 4, 0, 1, 2)  # (M, D, B*Ncam, h, w)
         value = F.pad(value, (0, 0, 0, _CAMERA_GAP_ROWS))  # (M, D, B*Ncam, h + gap, w)
-        stride = height + _CAMERA_GAP_ROWS
-        value = value.reshape(heads, head_dims, batch * num_cams * stride, width)  # (M, D, Htall, w)
-
-        # Pixel rows (centre of row i at i); beyond -1.5 / h + 0.5 a sample only reads zero rows in
-        # both paths, so the clamp changes nothing but keeps it inside its camera's gap.
-        rows = (locations[..., 1] * height - 0.5).clamp(-1.5, height + 0.5)  # (K, M, P)
-        camera = (pair_batch * num_cams + pair_cam).to(query.dtype)  # (K,)
-        tall_rows = rows + (camera * stride)[:, None, None]  # (K, M, P)
-        grid_y = (tall_rows + 0.5) * (2.0 / (batch * num_cams * stride)) - 1.0  # align_corners=False
-        grid_x = 2.0 * locations[..., 0] - 1.0  # (K, M, P)
-        grid = torch.stack([grid_x, grid_y], dim=-1).permute(1, 0, 2, 3)  # (M, K, P, 2)
-        sampled = F.grid_sample(
-            value, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (M, D, K, P)
-        pair_weights = weights[pair_batch, pair_query].permute(1, 0, 2).unsqueeze(1)  # (M, 1, K, P)
-        attended = attn.weight_product(sampled, pair_weights).sum(-1)  # (M, D, K)
-        attended = attended.permute(2, 0, 1).reshape(num_pairs, channels)  # (K, M*D)
-        attended = attn.output_proj(attended)  # (K, C)
-
-        summed = query.new_zeros(batch * num_query, channels)
-        # Under bf16 autocast the projection is bf16; the sum over cameras stays in the query's dtype.
-        summed = summed.index_add(0, pair_batch * num_query + pair_query, attended.to(summed.dtype))  # (B*Lq, C)
-        count = visible.sum(dim=1).clamp(min=1.0)  # (B, Lq); unseen cells stay 0
-        return summed.view(batch, num_query, channels) / count.unsqueeze(-1)  # (B, Lq, C)
-
-
-def build_spatial_cross_attention(
-    embed_dims: int, num_heads: int, num_points: int, num_anchors: int
-) -> SpatialCrossAttention:
-    return SpatialCrossAttention(
-        embed_dims=embed_dims, num_heads=num_heads, num_points=num_points, num_anchors=num_anchors
-    )
+        return value.reshape(heads, head_dims, num_maps * (height + _CAMERA_GAP_ROWS), width)
 
 
 def use_dense_camera_attention(model: nn.Module) -> nn.Module:
