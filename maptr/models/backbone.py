@@ -10,8 +10,6 @@ logged and returned, never silently dropped.
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from maptr.config import ModelConfig, ParamsError
+from maptr.weights_only import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +94,14 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> WeightLoadRep
     a summary; partial loads are allowed (the guide's allow_miss / ignore_extra).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights {path} not found (model.pretrained in params.yaml)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ParamsError(
-            f"{path}: model.pretrained is not a weights file that loads with weights_only=True ({first}); "
+    blob = load_weights_only(
+        path,
+        missing=FileNotFoundError(f"backbone weights {path} not found (model.pretrained in params.yaml)"),
+        unreadable=lambda why: ParamsError(
+            f"{path}: model.pretrained is not a weights file that loads with weights_only=True ({why}); "
             "give a torchvision ResNet state_dict or a maptr checkpoint (arbitrary pickles are never run)"
-        ) from None
+        ),
+    )
     if isinstance(blob, dict) and isinstance(blob.get("model"), dict):
         # A project checkpoint: keep the backbone's entries, keyed by torchvision names.
         state = {k[len("backbone.") :]: v for k, v in blob["model"].items() if k.startswith("backbone.")}

@@ -8,14 +8,13 @@ refused with a clear message.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from maptr.atomic import atomic_file
+from maptr.weights_only import load_weights_only
 
 
 class CheckpointError(RuntimeError):
@@ -42,15 +41,13 @@ def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
 def load_checkpoint(path: str | Path, expect_preset: str | None = None) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; a missing, truncated or foreign file is a CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; run the stage that writes it (dvc repro)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or corrupt: {first}); re-run the stage that writes it"
-        ) from None
+    state = load_weights_only(
+        path,
+        missing=CheckpointError(f"{path}: checkpoint not found; run the stage that writes it (dvc repro)"),
+        unreadable=lambda why: CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: {why}); re-run the stage that writes it"
+        ),
+    )
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a maptr checkpoint (no 'model' state_dict)")
     if expect_preset is not None and state.get("preset") not in (None, expect_preset):
