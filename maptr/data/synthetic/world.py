@@ -64,21 +64,12 @@ def scene_names(version: str, split: str, count: int) -> list[str]:
     return list(names[:count])
 
 
-def plan_jobs(
-    out_dir: Path,
-    *,
-    seed: int,
-    version: str,
-    train_scenes: int,
-    val_scenes: int,
-    samples_per_scene: int,
-    image_width: int,
-    image_height: int,
-    jpeg_quality: int,
-) -> list[SceneJob]:
-    """One job per scene, in table order (train then val): location, tile, timestamps, names."""
+def plan_jobs(out_dir: Path, version: str, scene_counts: dict[str, int], **shared: Any) -> list[SceneJob]:
+    """One job per scene, in table order (``scene_counts``: scenes per split, train then val): location,
+    tile, timestamps, names. ``shared``: the :class:`SceneJob` fields all scenes have in common (seed,
+    num_samples, image_width, image_height, jpeg_quality)."""
     jobs = []
-    for split, count in (("train", train_scenes), ("val", val_scenes)):
+    for split, count in scene_counts.items():
         columns: Counter[str] = Counter()  # tiles used so far in each location's row
         for index, name in enumerate(scene_names(version, split, count)):
             location = LOCATION_CYCLE[index % len(LOCATION_CYCLE)]
@@ -89,7 +80,6 @@ def plan_jobs(
             first = FIRST_TIMESTAMP_US + slot * SCENE_SPACING_US
             jobs.append(
                 SceneJob(
-                    seed=seed,
                     split=split,
                     index=index,
                     name=name,
@@ -98,11 +88,8 @@ def plan_jobs(
                     tile_center=(TILE_PITCH / 2 + column * TILE_PITCH, row_y),
                     first_timestamp=first,
                     logfile=logfile_name(location, first),
-                    num_samples=samples_per_scene,
-                    image_width=image_width,
-                    image_height=image_height,
-                    jpeg_quality=jpeg_quality,
                     out_dir=str(out_dir),
+                    **shared,
                 )
             )
     return jobs
@@ -232,17 +219,9 @@ def generate_world(
     try:
         for channel in (*CAMERA_CHANNELS, LIDAR_CHANNEL):
             (tmp / "samples" / channel).mkdir(parents=True)
-        jobs = plan_jobs(
-            tmp,
-            seed=seed,
-            version=version,
-            train_scenes=train_scenes,
-            val_scenes=val_scenes,
-            samples_per_scene=samples_per_scene,
-            image_width=image_width,
-            image_height=image_height,
-            jpeg_quality=jpeg_quality,
-        )
+        jobs = plan_jobs(tmp, version, {"train": train_scenes, "val": val_scenes}, seed=seed,
+                         num_samples=samples_per_scene, image_width=image_width, image_height=image_height,
+                         jpeg_quality=jpeg_quality)  # fmt: skip
         workers = (os.cpu_count() or 1) if workers is None else workers
         results = _run_jobs(jobs, min(workers, len(jobs)), progress)
         namespace = make_token("synth", seed)
