@@ -7,6 +7,7 @@ torchrun every rank predicts its share of the samples and rank 0 scores them all
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,15 +74,12 @@ def evaluate_model(
     dataset: PackedMapDataset,
     postprocess: MapTRPostProcess,
     *,
-    batch_size: int = 4,
-    num_workers: int = 0,
     ctx: DistContext | None = None,
-    limit: int | None = None,
+    **options: Any,
 ) -> tuple[dict[str, float], list[dict] | None]:
-    """(metrics, predictions); metrics are broadcast to every rank, predictions stay on rank 0."""
+    """(metrics, predictions) of :func:`predict_dataset` (``options``: its batch_size, num_workers, limit,
+    progress); metrics are broadcast to every rank, predictions stay on rank 0."""
     ctx = ctx or DistContext()
-    preds = predict_dataset(
-        predictor, dataset, postprocess, batch_size=batch_size, num_workers=num_workers, ctx=ctx, limit=limit
-    )
+    preds = predict_dataset(predictor, dataset, postprocess, ctx=ctx, **options)
     metrics = score_predictions(preds, dataset) if preds is not None else None
     return broadcast_from_main(metrics, ctx), preds
