@@ -1,15 +1,24 @@
-"""Helpers the GPU check's phases share: configs from params.yaml, a repeated dataset, seconds -> stats."""
+"""Helpers the GPU check's phases share: configs from params.yaml, a repeated dataset, a trainer that keeps
+nothing, seconds -> stats."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import statistics
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+from torch import nn
 from torch.utils.data import Dataset
 
 from maptr.config import ModelConfig, TrainConfig, load_model_config, load_section
+from maptr.distributed import DistContext
+from maptr.training.tracking import StageRun
+from maptr.training.trainer import Trainer
 
 
 def preset_config(params: dict[str, Any], preset: str) -> ModelConfig:
@@ -20,8 +29,31 @@ def preset_config(params: dict[str, Any], preset: str) -> ModelConfig:
 
 
 def train_config(params: dict[str, Any], **overrides: Any) -> TrainConfig:
-    """The ``float`` section (float-train's strategy) with the check's overrides."""
-    return dataclasses.replace(load_section(params, "float", TrainConfig), **overrides)
+    """The ``float`` section (float-train's strategy) with the check's overrides; no resume checkpoint
+    within an epoch and no per-step logging (the check keeps neither)."""
+    cfg = load_section(params, "float", TrainConfig)
+    return dataclasses.replace(cfg, ckpt_every_steps=0, log_every_steps=10**9, **overrides)
+
+
+@contextlib.contextmanager
+def scratch_trainer(
+    stage: str,
+    model: nn.Module,
+    criterion: nn.Module,
+    train_set: Dataset,
+    validate: Callable[[nn.Module], dict[str, float]],
+    cfg: TrainConfig,
+    ctx: DistContext,
+    preset: str,
+) -> Iterator[Trainer]:
+    """float-train's :class:`Trainer` with its checkpoints in a temporary folder and no tracking: the
+    check measures and keeps nothing."""
+    with tempfile.TemporaryDirectory(prefix=f"gpu_check_{stage}_") as tmp, StageRun(stage, {}, enabled=False) as run:
+        trainer = Trainer(
+            model=model, criterion=criterion, train_set=train_set, validate=validate, cfg=cfg, ctx=ctx,
+            tracker=run, stage=stage, preset=preset, best_path=Path(tmp) / "best.pt", last_path=Path(tmp) / "last.pt",
+        )  # fmt: skip
+        yield trainer
 
 
 class RepeatedDataset(Dataset):

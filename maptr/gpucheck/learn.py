@@ -13,7 +13,6 @@ budget is spent.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,9 @@ from maptr.data.portable import PortableMapDataset
 from maptr.distributed import DistContext
 from maptr.evaluation.inference import evaluate_model, torch_predictor
 from maptr.evaluation.postprocess import build_postprocess
-from maptr.gpucheck.common import RepeatedDataset, preset_config, train_config
+from maptr.gpucheck.common import RepeatedDataset, preset_config, scratch_trainer, train_config
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
-from maptr.training.tracking import StageRun
-from maptr.training.trainer import Trainer
 
 
 class _Stop(Exception):
@@ -76,8 +73,6 @@ def learn_check(
         epochs=epochs,
         batch_size=batch_size,
         num_workers=0,
-        ckpt_every_steps=0,
-        log_every_steps=10**9,
         augment=False,
         sync_bn=False,
         bf16=bf16,
@@ -90,11 +85,9 @@ def learn_check(
     ctx = DistContext(device=device)
     curve: list[dict[str, float]] = []
     start = time.perf_counter()
-    trainer: Trainer | None = None
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
         metrics, _ = evaluate_model(torch_predictor(m, device), samples, post, batch_size=8)
-        assert trainer is not None
         elapsed = time.perf_counter() - start
         curve.append({"step": trainer.state.global_step, "seconds": round(elapsed, 2), **metrics})
         if metrics["mAP"] >= target:
@@ -104,20 +97,8 @@ def learn_check(
         return metrics
 
     reason = "step budget spent"
-    with tempfile.TemporaryDirectory(prefix="gpu_check_learn_") as tmp, StageRun("learn", {}, enabled=False) as run:
-        trainer = Trainer(
-            model=model,
-            criterion=criterion,
-            train_set=RepeatedDataset(samples, eval_every * batch_size),
-            validate=validate,
-            cfg=cfg,
-            ctx=ctx,
-            tracker=run,
-            stage="learn",
-            preset=preset,
-            best_path=Path(tmp) / "best.pt",
-            last_path=Path(tmp) / "last.pt",
-        )
+    train_set = RepeatedDataset(samples, eval_every * batch_size)
+    with scratch_trainer("learn", model, criterion, train_set, validate, cfg, ctx, preset) as trainer:
         try:
             trainer.fit()
         except _Stop as stop:

@@ -16,7 +16,6 @@ padding, the targets, colour jitter and GridMask.
 from __future__ import annotations
 
 import gc
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,10 @@ import torch.distributed as dist
 from maptr.data.dataset import DatasetOptions
 from maptr.data.portable import PortableMapDataset
 from maptr.distributed import DistContext, gather_to_main
-from maptr.gpucheck.common import RepeatedDataset, preset_config, seconds_stats, train_config
+from maptr.gpucheck.common import RepeatedDataset, preset_config, scratch_trainer, seconds_stats, train_config
 from maptr.models.maptr import build_maptr
 from maptr.training.criterion import build_criterion
 from maptr.training.device import PHASES, StepPhases, peak_memory_mib, reset_peak_memory, synchronize
-from maptr.training.tracking import StageRun
-from maptr.training.trainer import Trainer
 
 
 def _sync_bn(ctx: DistContext) -> bool:
@@ -71,28 +68,15 @@ def _run_precision(
         epochs=1,
         batch_size=batch_size,
         num_workers=num_workers,
-        ckpt_every_steps=0,
-        log_every_steps=10**9,
         augment=augment,
         sync_bn=_sync_bn(ctx),
         bf16=precision == "bf16",
         cache_mb=0,
     )
     torch.manual_seed(cfg.seed)
-    with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as tmp, StageRun("bench", {}, enabled=False) as run:
-        trainer = Trainer(
-            model=build_maptr(model_cfg),
-            criterion=build_criterion(model_cfg),
-            train_set=RepeatedDataset(samples, length),
-            validate=lambda m: {"mAP": 0.0},
-            cfg=cfg,
-            ctx=ctx,
-            tracker=run,
-            stage="bench",
-            preset=preset,
-            best_path=Path(tmp) / "best.pt",
-            last_path=Path(tmp) / "last.pt",
-        )
+    model, criterion = build_maptr(model_cfg), build_criterion(model_cfg)
+    train_set, no_validation = RepeatedDataset(samples, length), lambda m: {"mAP": 0.0}
+    with scratch_trainer("bench", model, criterion, train_set, no_validation, cfg, ctx, preset) as trainer:
         autocast = str(trainer.autocast_dtype).replace("torch.", "") if trainer.autocast_dtype else "none"
         trainer.model.train()
         phases = StepPhases(trainer.ddp or trainer.model, trainer.criterion, trainer.optimizer, ctx.device)
