@@ -64,7 +64,7 @@ from maptr.quant.observers import (
 )
 
 IMAGE_INPUT_OP = "backbone.conv1"  # the first operator on the camera images: its input is the pixel grid
-ACTIVATION_DTYPE = "uint8"  # what ONNX Runtime's CPU integer kernels take (environment-notes.md)
+ACTIVATION_DTYPE = "uint8"  # what ONNX Runtime's CPU integer kernels take (docs/quantization.md)
 SENSITIVE_DTYPE = "int16"
 OBSERVERS = ("minmax", "percentile", "mse")
 
