@@ -66,6 +66,12 @@ def add_training_arguments(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same params")
 
 
+def add_quantization_inputs(p: argparse.ArgumentParser) -> None:
+    """The inputs of the stages that quantize the float model (sensitivity, calibrate)."""
+    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
+    p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float model")
+
+
 def process_seconds() -> float:
     """Wall seconds since this process started (imports included), from Linux's /proc; elsewhere since
     this module was imported."""

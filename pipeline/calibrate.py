@@ -14,13 +14,12 @@ import json
 from pathlib import Path
 
 from maptr import cli
-from maptr.training.run_group import open_stage_run, stage_main
+from maptr.training.run_group import open_model_stage, stage_main
 
 
 def build_parser():
     p = cli.parser(__doc__)
-    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
-    p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float model")
+    cli.add_quantization_inputs(p)
     p.add_argument("--sensitivity", default="reports/sensitivity.json", help="ranking from the sensitivity stage")
     p.add_argument("--out", default="models/calibration-checkpoint-best.pt", help="calibrated checkpoint")
     p.add_argument("--metrics", default="metrics/calibration.json", help="val metrics of the calibrated model")
@@ -33,12 +32,11 @@ def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
     import time
-    from dataclasses import asdict
 
     import torch
 
     from maptr.atomic import write_text_atomic
-    from maptr.config import CalibrateConfig, load_model_config, load_params, load_section
+    from maptr.config import CalibrateConfig
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.evaluation.postprocess import build_postprocess
@@ -48,12 +46,7 @@ def main() -> None:
     from maptr.training.checkpoint import load_checkpoint, save_checkpoint
     from maptr.training.lineage import log_dataset, log_val_metrics
 
-    params = load_params(args.params)
-    cfg = load_section(params, "calibrate", CalibrateConfig)
-    if args.observer:
-        cfg.observer = args.observer
-    model_cfg = load_model_config(params)
-    run = open_stage_run("calibrate", {"calibrate": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    params, cfg, model_cfg, run = open_model_stage("calibrate", args.params, CalibrateConfig, observer=args.observer)
     log_dataset(run, args.packed, "calibration")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

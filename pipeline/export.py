@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from maptr import cli
-from maptr.training.run_group import open_stage_run, stage_main
+from maptr.training.run_group import open_model_stage, stage_main
 
 
 def build_parser():
@@ -81,19 +81,15 @@ def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
     import time
-    from dataclasses import asdict
 
     import torch
 
     from maptr.atomic import write_text_atomic
-    from maptr.config import ExportConfig, load_model_config, load_params, load_section
+    from maptr.config import ExportConfig
     from maptr.deploy.onnx_export import log_onnx_model
     from maptr.deploy.registry import FLOAT, registered_name
 
-    params = load_params(args.params)
-    cfg = load_section(params, "export", ExportConfig)
-    model_cfg = load_model_config(params)
-    run = open_stage_run("export", {"export": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    _, cfg, model_cfg, run = open_model_stage("export", args.params, ExportConfig)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()

@@ -22,8 +22,7 @@ CHART_ROWS = 40  # operators shown in the bar chart
 
 def build_parser():
     p = cli.parser(__doc__)
-    p.add_argument("--packed", default="data/packed", help="packed dataset (pack stage output)")
-    p.add_argument("--float-checkpoint", default="models/float-checkpoint-best.pt", help="float model")
+    cli.add_quantization_inputs(p)
     p.add_argument("--out", default="reports/sensitivity.json", help="ranked table")
     p.add_argument("--plot", default="reports/sensitivity.png", help="bar chart")
     return p

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from maptr import cli
-from maptr.training.run_group import open_stage_run, stage_main
+from maptr.training.run_group import open_model_stage, stage_main
 
 
 def build_parser():
@@ -33,12 +33,11 @@ def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing: `--help` answers without loading torch.
     import time
-    from dataclasses import asdict
 
     import torch
 
     from maptr.atomic import write_text_atomic
-    from maptr.config import ValidateConfig, load_model_config, load_params, load_section
+    from maptr.config import ValidateConfig
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
     from maptr.deploy.ort_runner import DEPLOYED_LEVEL, OrtPredictor
     from maptr.deploy.registry import publish_ladder
@@ -49,10 +48,7 @@ def main() -> None:
     from maptr.training.checkpoint import load_checkpoint
     from maptr.training.lineage import log_dataset, log_val_metrics
 
-    params = load_params(args.params)
-    cfg = load_section(params, "validate", ValidateConfig)
-    model_cfg = load_model_config(params)
-    run = open_stage_run("validate", {"validate": asdict(cfg), "model": asdict(model_cfg)}, args.params)
+    _, cfg, model_cfg, run = open_model_stage("validate", args.params, ValidateConfig)
     log_dataset(run, args.packed, "validation")
     torch.set_num_threads(max(cfg.threads, 1))
     ckpt = load_checkpoint(args.qat_checkpoint, expect_preset=model_cfg.preset)

@@ -228,3 +228,21 @@ def open_stage_run(stage: str, params: dict[str, Any], params_file: str | Path, 
     if stack is None:
         raise RuntimeError(f"open_stage_run({stage!r}) needs @stage_main on the stage's main(); add it")
     return stack.enter_context(StageRun(stage, params, params_file=params_file, **kwargs))
+
+
+def open_model_stage(stage: str, params_file: str | Path, config_cls: type, **overrides: Any) -> tuple:
+    """The start of a stage that reads its own params section and the model preset (calibrate, export,
+    validate) inside a ``@stage_main`` main: (params, section config, model config, the stage's run, opened
+    with both). ``overrides``: command-line values for keys of the section (None keeps the file's)."""
+    from dataclasses import asdict
+
+    from maptr.config import load_model_config, load_params, load_section
+
+    params = load_params(params_file)
+    cfg = load_section(params, stage, config_cls)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    model_cfg = load_model_config(params)
+    run = open_stage_run(stage, {stage: asdict(cfg), "model": asdict(model_cfg)}, params_file)
+    return params, cfg, model_cfg, run
