@@ -449,3 +449,20 @@ def test_count_ops_groups_add_up(tmp_path, tiny_cfg: ModelConfig, tiny_model: Ma
     width, height = tiny_cfg.image_size
     assert rows["backbone"]["eval_flops"] > 6 * (height // 2) * (width // 2) * 64 * 147 * 2
     assert result["total"]["eval_flops"] == sum(r["eval_flops"] for r in result["rows"])
+
+
+def test_geometry_stays_float32_under_bf16_autocast(tiny_cfg: ModelConfig, tiny_model: MapTR):
+    """float.bf16 autocasts the forward; the projection into the cameras, the reference points and the
+    point refinement stay float32 (bf16 would move a projected pixel by ~1 px per 256 and a point by
+    ~0.3 m): the projection is bit-exact and the points come out float32."""
+    lidar2img = _camera_rig((352, 128))
+    points = pillar_points(50, 25, 4, [-15.0, -30.0, -2.0, 15.0, 30.0, 2.0])
+    ref32, vis32 = project_to_cameras(points, lidar2img, (352, 128))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref16, vis16 = project_to_cameras(points, lidar2img, (352, 128))
+    assert ref16.dtype == torch.float32 and torch.equal(ref16, ref32) and torch.equal(vis16, vis32)
+    img, lidar2img = _inputs(tiny_cfg)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model.eval()(img, lidar2img)
+    assert out["pred_pts"].dtype == torch.float32
+    assert all(aux["pred_pts"].dtype == torch.float32 for aux in out["aux_outputs"])
