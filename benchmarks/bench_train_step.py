@@ -5,6 +5,7 @@ matching), backward and fused AdamW, as float-train runs them.
     python benchmarks/bench_train_step.py --presets tiny nano        # interleaved A/B, ~1 min
     python benchmarks/bench_train_step.py --set num_vec_one2many=50 --set k_one2many=2
     python benchmarks/bench_train_step.py --precisions fp32 bf16   # bf16 autocast on the CPU, interleaved
+    python benchmarks/bench_train_step.py --precisions fp32 compiled   # torch.compile (inductor), interleaved
 
 With several presets, each round times every preset on the same batches in turn (round-robin), so a
 change of the machine's speed hits them alike; the table gives each round's mean step time and the
@@ -30,7 +31,8 @@ from maptr.training.device import float_outputs
 def build_setup(params: dict, preset: str, overrides: list[str], packed: str, batch: int, batches: int,
                 precision: str = "fp32"):  # fmt: skip
     """(step function, batches) of ``preset`` with ``key=value`` overrides of its fields; ``precision``
-    bf16 runs the forward under CPU bf16 autocast (the criterion in float32, as the trainer does)."""
+    bf16 runs the forward under CPU bf16 autocast (the criterion in float32, as the trainer does); ``compiled``
+    runs the float32 forward through ``torch.compile`` (inductor; the backward is compiled with it)."""
     params = copy.deepcopy(params)
     params["model"]["preset"] = preset
     for item in overrides:
@@ -44,10 +46,11 @@ def build_setup(params: dict, preset: str, overrides: list[str], packed: str, ba
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     dtype = torch.bfloat16 if precision == "bf16" else None
+    forward = torch.compile(model) if precision == "compiled" else model
 
     def step(b: dict) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            outputs = model(b["img"], b["lidar2img"])
+            outputs = forward(b["img"], b["lidar2img"])
         losses = criterion(float_outputs(outputs), b)
         optimizer.zero_grad()
         criterion.total_loss(losses).backward()
@@ -66,8 +69,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="different batches per round")
     p.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up")
     p.add_argument("--set", action="append", default=[], help="override a field of every preset, key=value")
-    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                   help="fp32 and/or bf16 autocast of the forward (each preset timed in each)")  # fmt: skip
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "compiled"],
+                   help="fp32, bf16 autocast of the forward, torch.compile'd fp32 (each preset timed in each; "
+                        "the warm-up round holds the compile time)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
@@ -78,6 +82,7 @@ def main() -> None:
         for precision in args.precisions
     }
     rounds: dict[str, list[float]] = {name: [] for name in setups}
+    warmup: dict[str, float] = {}
     for r in range(args.rounds):
         for name, (step, data) in setups.items():
             start = time.perf_counter()
@@ -85,12 +90,15 @@ def main() -> None:
                 step(b)
             if r > 0:
                 rounds[name].append((time.perf_counter() - start) / len(data))
+            else:
+                warmup[name] = time.perf_counter() - start  # includes torch.compile's compile time
     print(f"batch {args.batch}, {args.threads} threads, {args.batches} batches x {args.rounds - 1} timed rounds"
           f"{' ' + str(args.set) if args.set else ''}")  # fmt: skip
     for name, times in rounds.items():
         mean = sum(times) / len(times)
         per_round = " ".join(f"{t * 1000:.0f}" for t in times)
-        print(f"  {name:<11} step {mean * 1000:.0f} ms ({args.batch / mean:.2f} samples/s); rounds: {per_round} ms")
+        print(f"  {name:<14} step {mean * 1000:.0f} ms ({args.batch / mean:.2f} samples/s); rounds: {per_round} ms; "
+              f"warm-up round {warmup[name]:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

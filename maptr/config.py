@@ -169,6 +169,8 @@ class CriterionConfig:
     focal_gamma: float
     match_cls_cost: float
     match_pts_cost: float
+    class_weights: list[float]  # per class in maptr.classes.CLASS_NAMES order: a GT element of class c
+    # counts class_weights[c] times in the instance losses (classification, points, direction)
 
 
 @dataclass
@@ -347,6 +349,10 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
             raise ParamsError(f"{file}: model.{key}: missing; set it in params.yaml (see the repository's file)")
     pack = load_section(params, "pack", PackConfig)
     pretrained = _check_value(model["pretrained"], str, f"{file}: model.pretrained")
+    criterion = from_dict(CriterionConfig, model["criterion"], f"{file}: model.criterion")
+    if len(criterion.class_weights) != len(CLASS_NAMES):
+        raise ParamsError(f"{file}: model.criterion.class_weights: one weight per class {list(CLASS_NAMES)}, "
+                          f"got {criterion.class_weights}")  # fmt: skip
     # Every preset is checked, not only the selected one: a typo in `tiny` should fail now, not the
     # day someone runs `dvc exp run -S model.preset=tiny`.
     built = {}
@@ -354,7 +360,7 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
         where = f"{file}: model.presets.{name}"
         derived = {"preset": name, "pretrained": pretrained, "pc_range": list(pack.pc_range),
                    "num_classes": len(CLASS_NAMES),
-                   "criterion": from_dict(CriterionConfig, model["criterion"], f"{file}: model.criterion")}  # fmt: skip
+                   "criterion": criterion}  # fmt: skip
         built[name] = from_dict(ModelConfig, block, where, derived=derived)
         _validate_model(built[name], where)
     return built[preset]
@@ -428,7 +434,8 @@ _RANGES: dict[type, dict[str, Rule]] = {
                     "thread_sweep": _COUNT, "warmup": _NONNEG, "runs": _COUNT, "rounds": _COUNT,
                     "profile_runs": _NONNEG},
     ValidateConfig: {"batch_size": _COUNT, "threads": _NONNEG, "top_k": _COUNT},
-    CriterionConfig: {**{f.name: _NONNEG for f in dataclasses.fields(CriterionConfig)}, "focal_alpha": _PROB},
+    CriterionConfig: {**{f.name: _NONNEG for f in dataclasses.fields(CriterionConfig)}, "focal_alpha": _PROB,
+                      "class_weights": _POSITIVE},
     ModelConfig: {**{name: _COUNT for name in (
         "embed_dims", "num_heads", "ffn_dims", "bev_h", "bev_w", "num_points_in_pillar", "encoder_layers",
         "encoder_sca_points", "encoder_tsa_points", "decoder_layers", "decoder_points", "num_vec_one2one",

@@ -130,6 +130,12 @@ def test_out_of_range_model_and_criterion_values_are_errors(tmp_path):
     path = write_params(tmp_path, lambda d: d["model"]["criterion"].update(focal_alpha=2.0))
     with pytest.raises(ParamsError, match=r"model.criterion.focal_alpha: must be in \[0, 1\], got 2.0"):
         load_model_config(load_params(path))
+    path = write_params(tmp_path, lambda d: d["model"]["criterion"].update(class_weights=[1.0, 2.0]))
+    with pytest.raises(ParamsError, match=r"class_weights: one weight per class \['divider', 'ped_crossing', 'bo"):
+        load_model_config(load_params(path))
+    path = write_params(tmp_path, lambda d: d["model"]["criterion"].update(class_weights=[1.0, 0.0, 1.0]))
+    with pytest.raises(ParamsError, match=r"model.criterion.class_weights: each item must be > 0, got"):
+        load_model_config(load_params(path))
 
 
 def test_missing_section_names_it(tmp_path):

@@ -229,7 +229,7 @@ def test_bf16_autocast_step_through_the_trainer_and_its_phases(packed_world, tmp
     parameters that move; StepPhases splits the step into parts that add up to it."""
     params = load_params(write_micro_params(tmp_path))
     model_cfg = load_model_config(params)
-    cfg = train_config(epochs=1, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, ckpt_every_steps=0)
+    cfg = train_config(epochs=1, batch_size=2, lr=1e-3, warmup_steps=0, num_workers=0, ckpt_every_steps=0, bf16=False)
     train = PackedMapDataset(packed_world, "train", DatasetOptions.from_model(model_cfg))
     torch.manual_seed(0)
     trainer = Trainer(
@@ -237,7 +237,7 @@ def test_bf16_autocast_step_through_the_trainer_and_its_phases(packed_world, tmp
         validate=lambda m: {"mAP": 0.0}, cfg=cfg, ctx=DistContext(), tracker=StageRun("t", {}, enabled=False),
         stage="float", preset="micro", best_path=tmp_path / "b.pt", last_path=tmp_path / "l.pt",
     )  # fmt: skip
-    assert trainer.autocast_dtype is None  # float.bf16 is off, and CUDA-only anyway
+    assert trainer.autocast_dtype is None  # float.bf16: false
     trainer.autocast_dtype = torch.bfloat16
     seen: list[torch.dtype] = []
     trainer.criterion.register_forward_pre_hook(lambda _, args: seen.append(args[0]["pred_logits"].dtype))

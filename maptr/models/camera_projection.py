@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from maptr.models.precision import float32_region
-
 
 def bev_cell_centers(bev_h: int, bev_w: int) -> Tensor:
     """Normalized (x, y) centre of every BEV cell, row-major (cell i * bev_w + j).
@@ -74,8 +72,7 @@ def project_to_cameras(
     # over a trailing dimension of 2 (which ONNX Runtime runs ~10x slower than a flat elementwise op).
     scale = torch.tensor([1.0 / width, 1.0 / height, 1.0], dtype=points.dtype, device=points.device)
     matrix = lidar2img[:, :, :3] * scale[:, None]  # (B, Ncam, 3, 4)
-    with float32_region(matrix):  # pixel coordinates need float32 under bf16 autocast (models/precision.py)
-        projected = matrix @ homogeneous  # (B, Ncam, 3, Lq*A)
+    projected = matrix @ homogeneous  # (B, Ncam, 3, Lq*A)
     u_scaled, v_scaled, depth = projected.unbind(dim=2)  # (B, Ncam, Lq*A) each
     safe_depth = depth.clamp(min=eps)
     x = u_scaled / safe_depth  # (B, Ncam, Lq*A) u / W

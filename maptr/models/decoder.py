@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from maptr.config import ModelConfig
 from maptr.models.deformable_attention import MultiScaleDeformableAttention
-from maptr.models.precision import as_float32, float32_region
 from maptr.models.feed_forward import FeedForward
 from maptr.models.multihead_attention import MultiHeadAttention
 from maptr.models.tensor_ops import Add
@@ -138,8 +137,7 @@ class MapDecoder(nn.Module):
         hidden, points = [], []
         for layer, reg_branch in zip(self.layers, reg_branches, strict=True):
             query = layer(query, reference_points, context)
-            with float32_region(query):  # the points: float32 under bf16 autocast (models/precision.py)
-                refined = (reg_branch(as_float32(query)) + inverse_sigmoid(reference_points)).sigmoid()  # (B, Q*P, 2)
+            refined = (reg_branch(query) + inverse_sigmoid(reference_points)).sigmoid()  # (B, Q*P, 2)
             hidden.append(query)
             points.append(refined)
             # Each layer learns a correction of the previous estimate, not the whole path.

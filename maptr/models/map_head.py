@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from maptr.config import ModelConfig
 from maptr.models.decoder import DecoderContext, MapDecoder
-from maptr.models.precision import as_float32, float32_region
 
 
 def _class_branch(embed_dims: int, num_classes: int) -> nn.Sequential:
@@ -112,8 +111,7 @@ class MapHead(nn.Module):
         embed = instance[:, None, :] + self.point_embedding.weight[None, :, :]  # (Q, P, 2C)
         embed = embed.flatten(0, 1)[None].expand(batch, -1, -1)  # (B, Q*P, 2C)
         query_pos, query = torch.split(embed, self.embed_dims, dim=-1)  # (B, Q*P, C) each
-        with float32_region(query_pos):  # BEV coordinates: float32 under bf16 autocast (models/precision.py)
-            reference_points = self.reference_points(as_float32(query_pos)).sigmoid()  # (B, Q*P, 2)
+        reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q*P, 2)
 
         context = DecoderContext(query_pos, bev, self.bev_shape, group_sizes, num_pts)
         hidden, points = self.decoder(query, reference_points, context, self.reg_branches)

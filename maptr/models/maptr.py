@@ -22,6 +22,7 @@ from maptr.models.bev_encoder import BEVEncoder, build_bev_encoder
 from maptr.models.decoder import build_map_decoder
 from maptr.models.fpn import FPN, build_fpn
 from maptr.models.map_head import MapHead, build_map_head
+from maptr.models.precision import as_float32, float32_region
 from maptr.models.seg_heads import BEVSegmentationHead, PVSegmentationHead, build_bev_seg_head, build_pv_seg_head
 
 NUM_CAMS = 6  # nuScenes' surround rig; the model itself only needs lidar2img to agree
@@ -72,13 +73,16 @@ class MapTR(nn.Module):
                 f"got {tuple(img.shape)}"
             )
         images = img.flatten(0, 1)  # (B*Ncam, 3, H, W)
-        camera_features = self.neck(self.backbone(images))  # (B*Ncam, C, h, w)
-        bev = self.encoder(camera_features, lidar2img)  # (B, bev_h*bev_w, C)
-        outputs = self.head(bev, with_one2many=with_training_outputs)
-        if with_training_outputs and self.bev_seg_head is not None:
-            outputs["bev_seg"] = self.bev_seg_head(bev)  # (B, 1, bev_h, bev_w)
-        if with_training_outputs and self.pv_seg_head is not None:
-            outputs["pv_seg"] = self.pv_seg_head(camera_features, num_cams)  # (B, Ncam, 1, h, w)
+        camera_features = self.neck(self.backbone(images))  # (B*Ncam, C, h, w); bf16 under float.bf16
+        # Under bf16 autocast only the image side above runs in bf16 (models/precision.py).
+        with float32_region(camera_features):
+            camera_features = as_float32(camera_features)
+            bev = self.encoder(camera_features, lidar2img)  # (B, bev_h*bev_w, C)
+            outputs = self.head(bev, with_one2many=with_training_outputs)
+            if with_training_outputs and self.bev_seg_head is not None:
+                outputs["bev_seg"] = self.bev_seg_head(bev)  # (B, 1, bev_h, bev_w)
+            if with_training_outputs and self.pv_seg_head is not None:
+                outputs["pv_seg"] = self.pv_seg_head(camera_features, num_cams)  # (B, Ncam, 1, h, w)
         return outputs
 
 

@@ -11,6 +11,8 @@ Loss names (all unweighted; ``weight_dict`` holds the weights; total = sum(weigh
 
 Instance losses are sums divided by the number of GT instances of their group (averaged over ranks
 under torch.distributed, clamped >= 1, as DETR): see :mod:`maptr.training.losses` for each term.
+``class_weights`` (one per class, params ``model.criterion.class_weights``) let a GT element count more
+in the sums than its class's share of the data; the normalizer stays the plain count.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class MapTRCriterion(nn.Module):
         k_one2many: int = 0,
         bev_seg_pos_weight: float = 4.0,
         pv_seg_pos_weight: float = 1.0,
+        class_weights: list[float] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -60,6 +63,8 @@ class MapTRCriterion(nn.Module):
             raise ValueError(f"pc_range must be [x0, y0, z0, x1, y1, z1], got {pc_range}")
         if k_one2many < 0:
             raise ValueError(f"k_one2many must be >= 0, got {k_one2many}")
+        if class_weights is not None and (len(class_weights) != num_classes or min(class_weights) <= 0):
+            raise ValueError(f"class_weights must be {num_classes} positive numbers, got {class_weights}")
         self.matcher = matcher
         self.num_classes = num_classes
         self.pc_range = list(pc_range)
@@ -69,6 +74,9 @@ class MapTRCriterion(nn.Module):
         self.k_one2many = k_one2many
         self.bev_seg_pos_weight = bev_seg_pos_weight
         self.pv_seg_pos_weight = pv_seg_pos_weight
+        # All ones: MapTR's losses, computed without weights (bit-identical to an unweighted criterion).
+        uniform = class_weights is None or all(w == 1.0 for w in class_weights)
+        self.class_weights = None if uniform else torch.tensor(class_weights, dtype=torch.float32)
 
     # ----------------------------------------------------------------------------------------------
     def instance_losses(
@@ -105,11 +113,20 @@ class MapTRCriterion(nn.Module):
         # Unmatched queries keep an all-zero target: background for a sigmoid classifier.
         targets = torch.zeros_like(pred_logits)  # (B, Q, C)
         targets[batch_idx, query_idx, matched_labels] = 1.0
-        loss_cls = sigmoid_focal_loss(pred_logits, targets, self.focal_alpha, self.focal_gamma)
+        instance_weights = cls_weights = None
+        if self.class_weights is not None:
+            # A matched query's whole class row, its points and its edges weigh as its GT's class.
+            instance_weights = self.class_weights.to(device, pred_pts.dtype)[matched_labels]  # (M,)
+            cls_weights = torch.ones(pred_logits.shape[:2], device=device, dtype=pred_logits.dtype)  # (B, Q)
+            cls_weights[batch_idx, query_idx] = instance_weights.to(pred_logits.dtype)
+            cls_weights = cls_weights[..., None]  # (B, Q, 1)
+        loss_cls = sigmoid_focal_loss(pred_logits, targets, self.focal_alpha, self.focal_gamma, cls_weights)
 
         matched_pred = pred_pts[batch_idx, query_idx]  # (M, P, 2) normalized
-        loss_pts = points_l1_loss(matched_pred, normalize_points(matched_gt, self.pc_range))
-        loss_dir = edge_direction_loss(denormalize_points(matched_pred, self.pc_range), matched_gt)
+        loss_pts = points_l1_loss(matched_pred, normalize_points(matched_gt, self.pc_range), instance_weights)
+        loss_dir = edge_direction_loss(
+            denormalize_points(matched_pred, self.pc_range), matched_gt, weights=instance_weights
+        )
         return {
             "loss_cls": loss_cls / num_instances,
             "loss_pts": loss_pts / num_instances,
@@ -229,4 +246,5 @@ def build_criterion(cfg: ModelConfig) -> MapTRCriterion:
         k_one2many=cfg.k_one2many,
         bev_seg_pos_weight=crit.bev_seg_pos_weight,
         pv_seg_pos_weight=crit.pv_seg_pos_weight,
+        class_weights=crit.class_weights,
     )

@@ -4,7 +4,8 @@ phase timing of training steps, peak memory and a description of the device.
 The pipeline's rule for bf16 is ``float.bf16``: ``true`` autocasts the forward to bfloat16 on any device,
 ``false`` never, ``auto`` where the device computes bfloat16 natively (a CUDA GPU that supports it, a CPU
 with AVX512-BF16 or AMX-BF16; elsewhere CPU autocast emulates bf16 and is slower than float32). The
-model's forward runs under autocast; the criterion always sees float32 outputs
+model's forward runs under autocast, of which the model lets only its image side (backbone and neck) run
+in bf16 (:mod:`maptr.models.precision`); the criterion always sees float32 outputs
 (:func:`float_outputs`), so losses, matching costs and the focal terms are computed in float32 whatever
 the forward's precision.
 """

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al. 2017), summed over every element.
 
     Args:
@@ -26,8 +28,9 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
         targets: (..., C) one-hot float targets; an all-zero row is background.
         alpha: weight of the positive term (1 - alpha for negatives); a negative value disables it.
         gamma: focusing exponent.
+        weights: optional per-element weights broadcastable to (..., C) (the criterion's class weights).
     Returns:
-        scalar tensor, the sum over all elements.
+        scalar tensor, the (weighted) sum over all elements.
     """
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -36,10 +39,14 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     if alpha >= 0:
         alpha_t = alpha * targets + (1.0 - alpha) * (1.0 - targets)
         loss = alpha_t * loss
+    if weights is not None:
+        loss = loss * weights
     return loss.sum()
 
 
-def points_l1_loss(pred_pts: torch.Tensor, target_pts: torch.Tensor) -> torch.Tensor:
+def points_l1_loss(
+    pred_pts: torch.Tensor, target_pts: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """L1 distance between matched point sets, summed over instances, points and coordinates.
 
     Both inputs are in normalized [0, 1] coordinates; ``target_pts`` is the GT in the order the matcher
@@ -48,15 +55,20 @@ def points_l1_loss(pred_pts: torch.Tensor, target_pts: torch.Tensor) -> torch.Te
     Args:
         pred_pts: (M, P, 2) predicted points of the M matched queries.
         target_pts: (M, P, 2) matched ground truth points.
+        weights: optional (M,) weight of each instance.
     Returns:
         scalar tensor.
     """
     if pred_pts.shape != target_pts.shape:
         raise ValueError(f"points_l1_loss: shapes differ, {pred_pts.shape} vs {target_pts.shape}")
-    return (pred_pts - target_pts).abs().sum()
+    if weights is None:
+        return (pred_pts - target_pts).abs().sum()
+    return ((pred_pts - target_pts).abs().flatten(1).sum(dim=1) * weights).sum()  # (M,) per instance
 
 
-def edge_direction_loss(pred_pts: torch.Tensor, target_pts: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def edge_direction_loss(
+    pred_pts: torch.Tensor, target_pts: torch.Tensor, eps: float = 1e-8, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """1 - cosine similarity between the edges (p[k+1] - p[k]) of prediction and matched GT, summed.
 
     Give both in METERS: the normalization scales x and y differently (30 m vs 60 m spans) and would
@@ -65,15 +77,18 @@ def edge_direction_loss(pred_pts: torch.Tensor, target_pts: torch.Tensor, eps: f
     Args:
         pred_pts: (M, P, 2) predicted points.
         target_pts: (M, P, 2) matched ground truth points in the matched order.
+        weights: optional (M,) weight of each instance.
     Returns:
-        scalar tensor, the sum over the M * (P - 1) edges.
+        scalar tensor, the (weighted) sum over the M * (P - 1) edges.
     """
     if pred_pts.shape != target_pts.shape:
         raise ValueError(f"edge_direction_loss: shapes differ, {pred_pts.shape} vs {target_pts.shape}")
     pred_edges = pred_pts[:, 1:] - pred_pts[:, :-1]  # (M, P-1, 2)
     target_edges = target_pts[:, 1:] - target_pts[:, :-1]  # (M, P-1, 2)
     cos = F.cosine_similarity(pred_edges, target_edges, dim=-1, eps=eps)  # (M, P-1)
-    return (1.0 - cos).sum()
+    if weights is None:
+        return (1.0 - cos).sum()
+    return ((1.0 - cos).sum(dim=1) * weights).sum()  # (M,) per instance
 
 
 def resize_seg_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
