@@ -55,18 +55,21 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_factor(100, **kw) == pytest.approx(1e-3)
 
 
-def test_training_is_deterministic_and_resume_is_exact(packed_world, tmp_path):
-    full = make_trainer(packed_world, tmp_path / "a")
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+def test_training_is_deterministic_and_resume_is_exact(packed_world, tmp_path, bf16):
+    # bf16: the image side under CPU autocast (float.bf16: true; `auto` is that where the CPU has it)
+    full = make_trainer(packed_world, tmp_path / "a", bf16=bf16)
+    assert full.precision == ("bf16" if bf16 else "fp32")
     state_a = full.fit()
     params_a = {k: v.clone() for k, v in full.model.state_dict().items()}
 
     # Same seed again: the same metrics.
-    state_b = make_trainer(packed_world, tmp_path / "b").fit()
+    state_b = make_trainer(packed_world, tmp_path / "b", bf16=bf16).fit()
     assert [h["mAP"] for h in state_a.history] == [h["mAP"] for h in state_b.history]
     assert [h["train_loss"] for h in state_a.history] == [h["train_loss"] for h in state_b.history]
 
     # Interrupted after 3 optimizer steps (inside epoch 2), then resumed from the last checkpoint.
-    broken = make_trainer(packed_world, tmp_path / "c")
+    broken = make_trainer(packed_world, tmp_path / "c", bf16=bf16)
     real_step, calls = broken._step, []
 
     def dying_step(batch):
@@ -78,7 +81,7 @@ def test_training_is_deterministic_and_resume_is_exact(packed_world, tmp_path):
     broken._step = dying_step
     with pytest.raises(KeyboardInterrupt):
         broken.fit()
-    resumed = make_trainer(packed_world, tmp_path / "c")
+    resumed = make_trainer(packed_world, tmp_path / "c", bf16=bf16)
     assert "resumed" in resumed.resume()
     state_c = resumed.fit()
     assert [h["mAP"] for h in state_c.history] == [h["mAP"] for h in state_a.history]
@@ -87,7 +90,7 @@ def test_training_is_deterministic_and_resume_is_exact(packed_world, tmp_path):
         assert torch.equal(v, params_a[k]), f"parameter {k} differs after resume"
 
     # A different run (other fingerprint) is not resumed from that checkpoint.
-    other = make_trainer(packed_world, tmp_path / "c")
+    other = make_trainer(packed_world, tmp_path / "c", bf16=bf16)
     other.fingerprint = "another-run"
     assert "another run" in other.resume()
 
