@@ -6,25 +6,22 @@ or an unknown preset raises :class:`ParamsError` naming the file, the key and th
 the dataclasses below have no defaults (code that needs a config, tests included, reads it from a params
 file).
 
-The file is read with YAML 1.2 rules, as DVC reads and writes params (with ruamel.yaml): ``dvc exp run -S
-qat.lr=1e-6`` writes ``lr: 1e-06``, which PyYAML's YAML 1.1 rules take for a string. Here PyYAML parses with
-the YAML 1.2 core schema's scalar rules instead (no ruamel at run time: the GPU check's machines lack it).
+The file is read with YAML 1.2 rules, as DVC reads and writes params (:mod:`maptr.yaml12`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from yaml import YAMLError
 
 from maptr.classes import CLASS_NAMES
+from maptr.yaml12 import parse_yaml
 
 T = TypeVar("T")
 
@@ -198,7 +195,9 @@ class ModelConfig:
     num_pts_per_vec: int
     dropout: float
     bev_seg: bool
+    bev_seg_classes: int  # 1: every class in one BEV mask channel (MapTRv2's seg_classes=1); num_classes: one each
     pv_seg: bool
+    pv_seg_classes: int  # the same for the per-camera image masks
     max_num: int
     post_center_range: list[float]
     # Filled from other sections / top-level model keys, not from the preset block:
@@ -212,36 +211,6 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 # Loading and type checking
 # --------------------------------------------------------------------------------------------------
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with the scalars of the YAML 1.2 core schema: ``1e-06``, ``1e-3`` and ``.5``
-    are floats, ``010`` is ten, ``yes`` / ``on`` / ``no`` stay strings."""
-
-
-def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
-    text = loader.construct_scalar(node)
-    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
-    base = {"0x": 16, "0o": 8}.get(digits[:2], 10)
-    return sign * int(digits[2:] if base != 10 else digits, base)
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {}  # YAML 1.1's rules (PyYAML's defaults) dropped, the 1.2 core set added
-for _tag, _pattern, _first in (
-    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
-    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+.0123456789"),
-    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-):  # fmt: skip
-    _Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
-_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML 1.2 (core schema) as DVC reads it: ``1e-06``, ``1e-3`` and ``.5`` are floats; ``yes`` / ``on`` are
-    strings, not booleans."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
-
-
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read a params file; a missing or malformed file raises :class:`ParamsError`."""
     path = Path(path)
@@ -381,6 +350,10 @@ def _validate_model(cfg: ModelConfig, where: str) -> None:
         raise ParamsError(f"{where}.image_size: expected [W, H], both multiples of 32, got {cfg.image_size}")
     if len(cfg.pc_range) != 6:
         raise ParamsError(f"{where}: pack.pc_range must have 6 numbers [x0, y0, z0, x1, y1, z1]")
+    for key in ("bev_seg_classes", "pv_seg_classes"):
+        if getattr(cfg, key) not in (1, cfg.num_classes):
+            raise ParamsError(f"{where}.{key}: 1 (all classes in one mask) or {cfg.num_classes} (one mask per class), "
+                              f"got {getattr(cfg, key)}")  # fmt: skip
     if (cfg.num_vec_one2many > 0) != (cfg.k_one2many > 0):
         # queries without a k never get a loss (and stall DDP); a k without queries does nothing
         raise ParamsError(

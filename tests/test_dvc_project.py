@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import write_micro_params
 
-from maptr.config import parse_yaml
+from maptr.yaml12 import parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

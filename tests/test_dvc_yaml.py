@@ -15,7 +15,8 @@ import pytest
 from import_closure import REPO, closure
 
 from maptr.classes import CLASS_NAMES
-from maptr.config import load_params, parse_yaml
+from maptr.config import load_params
+from maptr.yaml12 import parse_yaml
 
 DVC_YAML = parse_yaml((REPO / "dvc.yaml").read_text())
 STAGES = DVC_YAML["stages"]

@@ -19,9 +19,9 @@ from maptr.config import (
     load_model_config,
     load_params,
     load_section,
-    parse_yaml,
 )
 from maptr.data.packing import PackError, resolve_version
+from maptr.yaml12 import parse_yaml
 
 PARAMS_TEXT = (REPO / "params.yaml").read_text()
 
