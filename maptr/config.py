@@ -195,9 +195,7 @@ class ModelConfig:
     num_pts_per_vec: int
     dropout: float
     bev_seg: bool
-    bev_seg_classes: int  # 1: every class in one BEV mask channel (MapTRv2's seg_classes=1); num_classes: one each
     pv_seg: bool
-    pv_seg_classes: int  # the same for the per-camera image masks
     max_num: int
     post_center_range: list[float]
     # Filled from other sections / top-level model keys, not from the preset block:
@@ -350,10 +348,6 @@ def _validate_model(cfg: ModelConfig, where: str) -> None:
         raise ParamsError(f"{where}.image_size: expected [W, H], both multiples of 32, got {cfg.image_size}")
     if len(cfg.pc_range) != 6:
         raise ParamsError(f"{where}: pack.pc_range must have 6 numbers [x0, y0, z0, x1, y1, z1]")
-    for key in ("bev_seg_classes", "pv_seg_classes"):
-        if getattr(cfg, key) not in (1, cfg.num_classes):
-            raise ParamsError(f"{where}.{key}: 1 (all classes in one mask) or {cfg.num_classes} (one mask per class), "
-                              f"got {getattr(cfg, key)}")  # fmt: skip
     if (cfg.num_vec_one2many > 0) != (cfg.k_one2many > 0):
         # queries without a k never get a loss (and stall DDP); a k without queries does nothing
         raise ParamsError(

@@ -61,7 +61,7 @@ MICRO_PRESET = {
     "ffn_dims": 64, "image_size": [96, 32], "bev_h": 10, "bev_w": 5, "num_points_in_pillar": 2,
     "encoder_layers": 1, "encoder_sca_points": 2, "encoder_tsa_points": 2, "decoder_layers": 2,
     "decoder_points": 2, "num_vec_one2one": 12, "num_vec_one2many": 24, "k_one2many": 2, "num_pts_per_vec": 20,
-    "dropout": 0.1, "bev_seg": True, "bev_seg_classes": 1, "pv_seg": True, "pv_seg_classes": 1, "max_num": 12,
+    "dropout": 0.1, "bev_seg": True, "pv_seg": True, "max_num": 12,
     "post_center_range": [-20.0, -35.0, 20.0, 35.0],
 }  # fmt: skip
 

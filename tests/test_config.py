@@ -102,15 +102,6 @@ def test_one2many_queries_and_k_go_together(tmp_path):
         load_model_config(load_params(path))
 
 
-@pytest.mark.parametrize("key", ["bev_seg_classes", "pv_seg_classes"])
-def test_seg_classes_are_one_or_one_per_class(tmp_path, key):
-    path = write_params(tmp_path, lambda d: d["model"]["presets"]["nano"].update({key: 2}))
-    with pytest.raises(ParamsError, match=rf"model.presets.nano.{key}: 1 \(all classes in one mask\) or 3 .* got 2"):
-        load_model_config(load_params(path))
-    path = write_params(tmp_path, lambda d: d["model"]["presets"]["nano"].update({key: 3}))
-    assert getattr(load_model_config(load_params(path)), key) == 3
-
-
 @pytest.mark.parametrize(("section", "key", "value", "message"), [
     ("float", "epochs", -1, "float.epochs: must be >= 1, got -1"),
     ("float", "lr", 0.0, "float.lr: must be > 0, got 0.0"),

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from maptr.data.dataset import DatasetOptions, PackedMapDataset, collate, decode_jpeg, decode_views
 from maptr.data.records import CorruptRecordError
-from maptr.data.seg_targets import bev_mask, ground_height
+from maptr.data.seg_targets import ground_height
 from maptr.data.transforms import fit_to_size
 from maptr.data.vectors import resample_polyline
 
@@ -29,24 +29,6 @@ def test_item_and_batch_contract(packed_world):
         closed = (pts[:, 0] - pts[:, -1]).norm(dim=-1) < 1e-3
         assert (valid.sum(1) == torch.where(closed, 38, 2)).all()
     assert batch["bev_seg"].sum() > 0 and batch["pv_seg"].sum() > 0
-
-
-def test_per_class_seg_targets_split_the_one_channel_masks_by_label(packed_world):
-    one = PackedMapDataset(packed_world, "train", DatasetOptions())
-    per_class = PackedMapDataset(packed_world, "train", DatasetOptions(bev_seg_classes=3, pv_seg_classes=3))
-    a, b = one[0], per_class[0]
-    assert b["bev_seg"].shape == (3, 50, 25) and b["pv_seg"].shape == (6, 3, 16, 44)
-    # every class draws into its own channel; together they cover the one-channel mask exactly
-    assert torch.equal(b["bev_seg"].amax(0, keepdim=True), a["bev_seg"])
-    assert torch.equal(b["pv_seg"].amax(1, keepdim=True), a["pv_seg"])
-    present = set(b["gt_labels"].tolist())
-    for c in range(3):
-        assert (b["bev_seg"][c].sum() > 0) == (c in present)
-    # a channel holds only its class: class c's mask is the one-channel mask of class c's polylines alone
-    gt = per_class.ground_truth(0)
-    keep = [i for i, v in enumerate(gt["vectors"]) if len(v) >= 2 and gt["labels"][i] == 1]
-    only = bev_mask([gt["vectors"][i] for i in keep], list(per_class.opts.pc_range), 50, 25)
-    assert torch.equal(b["bev_seg"][1], torch.from_numpy(only.astype(np.float32)))
 
 
 def test_items_are_reproducible_per_seed_and_epoch(packed_world):

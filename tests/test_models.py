@@ -106,21 +106,6 @@ def test_tiny_eval_outputs_only_one2one(tiny_cfg: ModelConfig, tiny_model: MapTR
     assert torch.isfinite(out["pred_pts"]).all() and torch.isfinite(out["pred_logits"]).all()
 
 
-def test_per_class_seg_heads_give_one_logit_channel_per_class():
-    cfg = model_config("nano", bev_seg_classes=3, pv_seg_classes=3)
-    torch.manual_seed(0)
-    model = build_maptr(cfg).train()
-    img, lidar2img = _inputs(cfg, batch=2)
-    out = model(img, lidar2img)
-    h, w = cfg.image_size[1] // cfg.feature_stride, cfg.image_size[0] // cfg.feature_stride
-    assert out["bev_seg"].shape == (2, 3, cfg.bev_h, cfg.bev_w) and out["pv_seg"].shape == (2, 6, 3, h, w)
-    seg = build_criterion(cfg).seg_losses(out, {
-        "bev_seg": torch.zeros(2, 3, cfg.bev_h, cfg.bev_w), "pv_seg": torch.zeros(2, 6, 3, h, w)})  # fmt: skip
-    assert set(seg) == {"loss_bev_seg", "loss_pv_seg"} and all(torch.isfinite(v) for v in seg.values())
-    # the classifier starts every channel at the foreground prior, as the one-channel head does
-    assert torch.allclose(torch.sigmoid(out["bev_seg"]).mean(), torch.tensor(0.1), atol=0.02)
-
-
 def test_nano_trains_without_one2many_and_its_losses_cover_every_output():
     """The default preset: no one2many group, 10 points per vector, a one-stage (layer2) backbone."""
     cfg = _preset("nano")

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from maptr.data.records import MAGIC, CorruptRecordError, SampleRecord
-from maptr.data.seg_targets import bev_mask, pv_masks, split_by_class
+from maptr.data.seg_targets import bev_mask, pv_masks
 from maptr.data.transforms import MultiViewImageTransform, fit_to_size
 from maptr.data.vectors import equivalent_orders, is_closed, resample_polyline
 
@@ -37,8 +37,6 @@ class DatasetOptions:
     pc_range: tuple[float, ...] = (-15.0, -30.0, -2.0, 15.0, 30.0, 2.0)
     num_pts: int = 20
     bev_size: tuple[int, int] = (50, 25)  # (bev_h, bev_w)
-    bev_seg_classes: int = 1  # channels of the BEV segmentation target (1: all classes in one)
-    pv_seg_classes: int = 1  # ... and of the per-camera image target
     pv_stride: int = 8
     augment: bool = False
     yuv: bool = False
@@ -53,8 +51,6 @@ class DatasetOptions:
             pc_range=tuple(model_cfg.pc_range),
             num_pts=model_cfg.num_pts_per_vec,
             bev_size=(model_cfg.bev_h, model_cfg.bev_w),
-            bev_seg_classes=model_cfg.bev_seg_classes,
-            pv_seg_classes=model_cfg.pv_seg_classes,
             augment=augment,
             seed=seed,
             cache_mb=cache_mb,
@@ -171,7 +167,7 @@ class PackedMapDataset(Dataset):
     Item (dict):
         img (Ncam, 3, H, W) float32; lidar2img (Ncam, 4, 4) float32 for those pixels;
         gt_labels (N,) int64; gt_pts (N, P, 2) float32 meters; gt_orders (N, S, P, 2);
-        gt_orders_valid (N, S) bool; bev_seg (bev_seg_classes, bev_h, bev_w) float32; pv_seg (Ncam, pv_seg_classes, H/s, W/s);
+        gt_orders_valid (N, S) bool; bev_seg (1, bev_h, bev_w) float32; pv_seg (Ncam, 1, H/s, W/s);
         meta: token, scene, index and the ground truth at its original resolution (for the metric).
     """
 
@@ -285,9 +281,7 @@ class PackedMapDataset(Dataset):
         for i, v in enumerate(vectors):
             orders[i], valid[i] = equivalent_orders(pts[i], is_closed(v))
         bev_h, bev_w = opts.bev_size
-        bev = [bev_mask(group, list(opts.pc_range), bev_h, bev_w) for group in split_by_class(vectors, labels, opts.bev_seg_classes)]
-        pv = [pv_masks(group, lidar2img, record.lidar2ego, (height, width), opts.pv_stride)
-              for group in split_by_class(vectors, labels, opts.pv_seg_classes)]  # fmt: skip
+        pv = pv_masks(vectors, lidar2img, record.lidar2ego, (height, width), opts.pv_stride)
         return {
             "images": np.stack(images),  # (Ncam, H, W, 3) uint8
             "lidar2img": lidar2img,
@@ -295,8 +289,8 @@ class PackedMapDataset(Dataset):
             "gt_pts": pts if pts is not None else np.zeros((0, opts.num_pts, 2), np.float32),
             "gt_orders": orders,
             "gt_orders_valid": valid,
-            "bev_seg": np.stack(bev).astype(np.float32),  # (bev_seg_classes, bev_h, bev_w)
-            "pv_seg": np.stack(pv, axis=1).astype(np.float32),  # (Ncam, pv_seg_classes, H/s, W/s)
+            "bev_seg": bev_mask(vectors, list(opts.pc_range), bev_h, bev_w)[None].astype(np.float32),
+            "pv_seg": pv[:, None].astype(np.float32),  # (Ncam, 1, H/s, W/s)
             "meta": {"index": index, "token": record.token, "scene": self.samples[index]["scene"]},
         }
 
@@ -314,8 +308,8 @@ class PackedMapDataset(Dataset):
 def collate(items: list[dict]) -> dict:
     """Stack fixed-size tensors into a batch; ground truths of varying size stay per-sample lists.
 
-    Returns img (B, Ncam, 3, H, W), lidar2img (B, Ncam, 4, 4), bev_seg (B, bev_seg_classes, bev_h, bev_w),
-    pv_seg (B, Ncam, pv_seg_classes, h, w), and lists of B: gt_labels, gt_pts, gt_orders, gt_orders_valid, meta.
+    Returns img (B, Ncam, 3, H, W), lidar2img (B, Ncam, 4, 4), bev_seg (B, 1, bev_h, bev_w),
+    pv_seg (B, Ncam, 1, h, w), and lists of B: gt_labels, gt_pts, gt_orders, gt_orders_valid, meta.
     """
     batch = {k: torch.stack([it[k] for it in items]) for k in ("img", "lidar2img", "bev_seg", "pv_seg")}
     for k in ("gt_labels", "gt_pts", "gt_orders", "gt_orders_valid", "meta"):

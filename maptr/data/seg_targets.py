@@ -36,18 +36,6 @@ def bev_mask(
     return mask
 
 
-def split_by_class(vectors: list[np.ndarray], labels: np.ndarray, channels: int) -> list[list[np.ndarray]]:
-    """The polylines of each mask channel: all of them in one with ``channels`` 1 (MapTRv2's
-    ``seg_classes=1``), otherwise channel c holds those of label c."""
-    if channels == 1:
-        return [list(vectors)]
-    labels = np.asarray(labels).reshape(-1)
-    if len(labels) != len(vectors) or (len(labels) and not 0 <= labels.min() <= labels.max() < channels):
-        raise ValueError(f"split_by_class: {len(vectors)} polylines need as many labels in [0, {channels}), "
-                         f"got {labels.tolist()}")  # fmt: skip
-    return [[v for v, lab in zip(vectors, labels, strict=True) if lab == c] for c in range(channels)]
-
-
 def ground_height(lidar2ego: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """z in the LiDAR frame of the ground (ego z = 0) below LiDAR points xy (K, 2) -> (K,)."""
     r, t = lidar2ego[:3, :3], lidar2ego[:3, 3]

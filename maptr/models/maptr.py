@@ -8,7 +8,7 @@ Output contract (``MapTR.forward``):
   to [0, 1] over pc_range, for the last decoder layer of the one2one group (Q1 = num_vec_one2one);
 - ``aux_outputs``: one {pred_logits, pred_pts} per earlier decoder layer;
 - training mode only: ``one2many`` {pred_logits, pred_pts, aux_outputs} (Q2 = num_vec_one2many),
-  ``bev_seg`` logits (B, bev_seg_classes, bev_h, bev_w) and ``pv_seg`` logits (B, Ncam, pv_seg_classes, h, w) when enabled.
+  ``bev_seg`` logits (B, 1, bev_h, bev_w) and ``pv_seg`` logits (B, Ncam, 1, h, w) when enabled.
 :class:`MapTRInference` wraps the eval path for export: ``(scores, pts)`` only.
 """
 
@@ -80,9 +80,9 @@ class MapTR(nn.Module):
             bev = self.encoder(camera_features, lidar2img)  # (B, bev_h*bev_w, C)
             outputs = self.head(bev, with_one2many=with_training_outputs)
             if with_training_outputs and self.bev_seg_head is not None:
-                outputs["bev_seg"] = self.bev_seg_head(bev)  # (B, bev_seg_classes, bev_h, bev_w)
+                outputs["bev_seg"] = self.bev_seg_head(bev)  # (B, 1, bev_h, bev_w)
             if with_training_outputs and self.pv_seg_head is not None:
-                outputs["pv_seg"] = self.pv_seg_head(camera_features, num_cams)  # (B, Ncam, pv_seg_classes, h, w)
+                outputs["pv_seg"] = self.pv_seg_head(camera_features, num_cams)  # (B, Ncam, 1, h, w)
         return outputs
 
 

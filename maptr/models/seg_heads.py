@@ -14,17 +14,15 @@ from maptr.config import ModelConfig
 
 
 class SegmentationHead(nn.Module):
-    """3x3 conv -> ReLU -> 1x1 conv to ``out_channels`` logits per pixel (one per mask channel)."""
+    """3x3 conv -> ReLU -> 1x1 conv to one logit per pixel."""
 
-    def __init__(self, in_channels: int, hidden_channels: int, prior_prob: float = 0.1, out_channels: int = 1) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int, prior_prob: float = 0.1) -> None:
         super().__init__()
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
-        if out_channels < 1:
-            raise ValueError(f"out_channels must be >= 1, got {out_channels}")
         self.conv = nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1)
         self.relu = nn.ReLU(inplace=True)
-        self.classifier = nn.Conv2d(hidden_channels, out_channels, kernel_size=1)
+        self.classifier = nn.Conv2d(hidden_channels, 1, kernel_size=1)
         self.prior_prob = prior_prob
         self._reset_parameters()
 
@@ -38,41 +36,40 @@ class SegmentationHead(nn.Module):
         nn.init.constant_(self.classifier.bias, -math.log((1.0 - self.prior_prob) / self.prior_prob))
 
     def forward(self, features: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, out_channels, H, W) logits."""
+        """(N, C, H, W) -> (N, 1, H, W) logits."""
         return self.classifier(self.relu(self.conv(features)))
 
 
 class BEVSegmentationHead(nn.Module):
-    """BEV features (B, H*W, C) -> BEV mask logits (B, classes, bev_h, bev_w), row 0 behind the ego car;
-    ``classes`` 1 is one mask of every map element, more is one mask per class."""
+    """BEV features (B, H*W, C) -> BEV mask logits (B, 1, bev_h, bev_w), row 0 behind the ego car."""
 
-    def __init__(self, embed_dims: int, bev_h: int, bev_w: int, classes: int = 1) -> None:
+    def __init__(self, embed_dims: int, bev_h: int, bev_w: int) -> None:
         super().__init__()
         self.bev_h = bev_h
         self.bev_w = bev_w
-        self.head = SegmentationHead(embed_dims, embed_dims, out_channels=classes)
+        self.head = SegmentationHead(embed_dims, embed_dims)
 
     def forward(self, bev: Tensor) -> Tensor:
         batch, _, channels = bev.shape
         grid = bev.transpose(1, 2).reshape(batch, channels, self.bev_h, self.bev_w)  # (B, C, bev_h, bev_w)
-        return self.head(grid)  # (B, classes, bev_h, bev_w)
+        return self.head(grid)  # (B, 1, bev_h, bev_w)
 
 
 class PVSegmentationHead(nn.Module):
-    """Camera features (B*Ncam, C, h, w) -> per-camera mask logits (B, Ncam, classes, h, w)."""
+    """Camera features (B*Ncam, C, h, w) -> per-camera mask logits (B, Ncam, 1, h, w)."""
 
-    def __init__(self, embed_dims: int, classes: int = 1) -> None:
+    def __init__(self, embed_dims: int) -> None:
         super().__init__()
-        self.head = SegmentationHead(embed_dims, embed_dims, out_channels=classes)
+        self.head = SegmentationHead(embed_dims, embed_dims)
 
     def forward(self, camera_features: Tensor, num_cams: int) -> Tensor:
-        logits = self.head(camera_features)  # (B*Ncam, classes, h, w)
-        return logits.view(-1, num_cams, *logits.shape[1:])  # (B, Ncam, classes, h, w)
+        logits = self.head(camera_features)  # (B*Ncam, 1, h, w)
+        return logits.view(-1, num_cams, *logits.shape[1:])  # (B, Ncam, 1, h, w)
 
 
 def build_bev_seg_head(cfg: ModelConfig) -> BEVSegmentationHead:
-    return BEVSegmentationHead(embed_dims=cfg.embed_dims, bev_h=cfg.bev_h, bev_w=cfg.bev_w, classes=cfg.bev_seg_classes)
+    return BEVSegmentationHead(embed_dims=cfg.embed_dims, bev_h=cfg.bev_h, bev_w=cfg.bev_w)
 
 
 def build_pv_seg_head(cfg: ModelConfig) -> PVSegmentationHead:
-    return PVSegmentationHead(embed_dims=cfg.embed_dims, classes=cfg.pv_seg_classes)
+    return PVSegmentationHead(embed_dims=cfg.embed_dims)

@@ -168,8 +168,8 @@ class MapTRCriterion(nn.Module):
     def seg_losses(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """BEV and perspective-view segmentation losses, for whichever seg outputs are present.
 
-        outputs["bev_seg"]: (B, K, h, w) logits vs batch["bev_seg"] (B, K, H, W), K = bev_seg_classes;
-        outputs["pv_seg"]: (B, Ncam, K, h, w) logits vs batch["pv_seg"] (B, Ncam, K, H', W'), K = pv_seg_classes.
+        outputs["bev_seg"]: (B, 1, h, w) logits vs batch["bev_seg"] (B, 1, H, W);
+        outputs["pv_seg"]: (B, Ncam, 1, h, w) logits vs batch["pv_seg"] (B, Ncam, 1, H', W').
         """
         losses: dict[str, torch.Tensor] = {}
         if outputs.get("bev_seg") is not None:
@@ -180,8 +180,8 @@ class MapTRCriterion(nn.Module):
             logits = outputs["pv_seg"]
             target = batch["pv_seg"].to(logits.device)
             losses["loss_pv_seg"] = seg_bce_loss(
-                logits.flatten(0, 1),  # (B*Ncam, K, h, w)
-                target.flatten(0, 1),  # (B*Ncam, K, H', W')
+                logits.flatten(0, 1),  # (B*Ncam, 1, h, w)
+                target.flatten(0, 1),  # (B*Ncam, 1, H', W')
                 self.pv_seg_pos_weight,
             )
         return losses

@@ -112,8 +112,8 @@ def seg_bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float) 
     """Per-pixel binary cross entropy with logits, positives weighted by ``pos_weight`` (SimpleLoss).
 
     Args:
-        logits: (N, K, h, w) predicted logits, one channel per mask.
-        target: (N, K, H, W) {0,1} masks; resized to (h, w) when it differs.
+        logits: (N, 1, h, w) predicted logits.
+        target: (N, 1, H, W) {0,1} mask; resized to (h, w) when it differs.
     Returns:
         scalar tensor, the mean over pixels.
     """
