@@ -6,6 +6,8 @@ matching), backward and fused AdamW, as float-train runs them.
     python benchmarks/bench_train_step.py --set num_vec_one2many=50 --set k_one2many=2
     python benchmarks/bench_train_step.py --precisions fp32 bf16   # bf16 autocast on the CPU, interleaved
     python benchmarks/bench_train_step.py --precisions fp32 compiled   # torch.compile (inductor), interleaved
+    python benchmarks/bench_train_step.py --variant backbone_max_stride=16 --variant decoder_layers=3
+                                                     # the preset as it is vs with each change, interleaved
 
 With several presets, each round times every preset on the same batches in turn (round-robin), so a
 change of the machine's speed hits them alike; the table gives each round's mean step time and the
@@ -69,6 +71,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="different batches per round")
     p.add_argument("--rounds", type=int, default=4, help="rounds; the first is a warm-up")
     p.add_argument("--set", action="append", default=[], help="override a field of every preset, key=value")
+    p.add_argument("--variant", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="also time each preset with these fields changed (repeatable: one variant each), "
+                        "interleaved with the unchanged preset")  # fmt: skip
     p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "compiled"],
                    help="fp32, bf16 autocast of the forward, torch.compile'd fp32 (each preset timed in each; "
                         "the warm-up round holds the compile time)")  # fmt: skip
@@ -76,10 +81,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     presets = args.presets or [params["model"]["preset"]]
+    for change in (c for variant in args.variant for c in variant):
+        if "=" not in change:
+            p.error(f"--variant {change!r}: expected key=value, e.g. --variant decoder_layers=3")
+    variants = [[], *args.variant]
     setups = {
-        f"{name}/{precision}": build_setup(params, name, args.set, args.packed, args.batch, args.batches, precision)
+        f"{name}/{precision}" + "".join(f" {c}" for c in variant): build_setup(
+            params, name, [*args.set, *variant], args.packed, args.batch, args.batches, precision
+        )
         for name in presets
         for precision in args.precisions
+        for variant in variants
     }
     rounds: dict[str, list[float]] = {name: [] for name in setups}
     warmup: dict[str, float] = {}
