@@ -48,8 +48,9 @@ def test_presets_build_typed_model_config(tmp_path, preset):
             6,
         )
         assert cfg.image_size == [800, 480] and (cfg.bev_h, cfg.bev_w) == (200, 100)
-    if preset == "nano":  # tiny without one2many, layer3 and half the points: the 10-minute default
+    if preset == "nano":  # tiny without one2many, layer3 and half the points, one more decoder layer
         assert (cfg.num_vec_one2many, cfg.k_one2many, cfg.num_pts_per_vec, cfg.backbone_max_stride) == (0, 0, 10, 8)
+        assert cfg.decoder_layers == 3
 
 
 def test_unknown_preset_names_choices(tmp_path):
