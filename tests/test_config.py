@@ -48,9 +48,10 @@ def test_presets_build_typed_model_config(tmp_path, preset):
             6,
         )
         assert cfg.image_size == [800, 480] and (cfg.bev_h, cfg.bev_w) == (200, 100)
-    if preset == "nano":  # tiny without one2many, layer3 and half the points, one more decoder layer
+    if preset == "nano":  # tiny without one2many, layer3 and half the points; one more decoder layer, which
+        # samples 8 BEV points per point query instead of 4
         assert (cfg.num_vec_one2many, cfg.k_one2many, cfg.num_pts_per_vec, cfg.backbone_max_stride) == (0, 0, 10, 8)
-        assert cfg.decoder_layers == 3
+        assert (cfg.decoder_layers, cfg.decoder_points) == (3, 8)
 
 
 def test_unknown_preset_names_choices(tmp_path):
