@@ -75,6 +75,7 @@ class TrainConfig:
     bf16: bool | str  # true | false | auto: bf16 autocast of the forward (maptr/training/device.py)
     threads: int  # torch intra-op threads per process; 0 = torch's default
     val_batch_size: int
+    val_every_epochs: int  # validate after every N-th epoch and after the last one
     ckpt_every_steps: int  # resume checkpoint inside an epoch
     log_every_steps: int
     cache_mb: int  # MiB per split of decoded, resized items kept in memory (0: off; main process only)
@@ -386,7 +387,8 @@ _RANGES: dict[type, dict[str, Rule]] = {
     TrainConfig: {"seed": _NONNEG, "epochs": _COUNT, "batch_size": _COUNT, "lr": _POSITIVE,
                   "backbone_lr_mult": _NONNEG, "weight_decay": _NONNEG, "warmup_steps": _NONNEG,
                   "warmup_ratio": _PROB, "min_lr_ratio": _PROB, "grad_clip": _NONNEG,
-                  "num_workers": _NONNEG, "threads": _NONNEG, "val_batch_size": _COUNT, "ckpt_every_steps": _NONNEG,
+                  "num_workers": _NONNEG, "threads": _NONNEG, "val_batch_size": _COUNT, "val_every_epochs": _COUNT,
+                  "ckpt_every_steps": _NONNEG,
                   "log_every_steps": _COUNT, "cache_mb": _NONNEG,
                   "bf16": ((lambda v: v in (True, False, "auto")), "true, false or auto")},
     QATConfig: {"samples_per_epoch": _NONNEG},

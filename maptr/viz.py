@@ -174,12 +174,15 @@ def pr_curves(curves, path: str | Path, title: str = "") -> None:
 
 
 def learning_curve(history: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Validation mAP (and per class AP) and training loss per epoch."""
+    """Validation mAP (and per class AP) of the validated epochs, and training loss per epoch."""
     epochs = [h["epoch"] for h in history]
+    validated = [h for h in history if "mAP" in h]  # float.val_every_epochs may skip epochs
+    val_epochs = [h["epoch"] for h in validated]
     fig, (ax_map, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    ax_map.plot(epochs, [h["mAP"] for h in history], "o-", color="black", label="mAP")
+    ax_map.plot(val_epochs, [h["mAP"] for h in validated], "o-", color="black", label="mAP")
     for name, color in zip(CLASS_NAMES, CLASS_COLORS, strict=True):
-        ax_map.plot(epochs, [h.get(f"AP_{name}", np.nan) for h in history], ".--", color=color, label=f"AP {name}")
+        ax_map.plot(val_epochs, [h.get(f"AP_{name}", np.nan) for h in validated], ".--", color=color,
+                    label=f"AP {name}")  # fmt: skip
     ax_map.set_xlabel("epoch")
     ax_map.set_ylabel("val AP (chamfer)")
     ax_map.set_ylim(0, 1)

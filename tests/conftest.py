@@ -34,6 +34,7 @@ def train_config(**changes):
 
     from maptr.config import TrainConfig, load_params, load_section
 
+    changes = {"val_every_epochs": 1, **changes}  # the tests check every epoch's metrics
     return dataclasses.replace(load_section(load_params(REPO_PARAMS), "float", TrainConfig), **changes)
 
 
@@ -76,6 +77,7 @@ def write_micro_params(tmp_path: Path, **sections) -> Path:
     data = parse_yaml((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     data["model"]["presets"]["micro"] = dict(MICRO_PRESET)
     data["model"]["preset"] = "micro"
+    data["float"]["val_every_epochs"] = 1  # the tests check every epoch's metrics
     for name, values in sections.items():
         data[name].update(values)
     path = tmp_path / "params.yaml"

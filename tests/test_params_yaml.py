@@ -68,7 +68,7 @@ def test_a_missing_key_is_an_error_naming_it(tmp_path):
 
 
 def test_yaml_error_is_one_line(tmp_path):
-    path = with_line(tmp_path, "  batch_size: 2", "  batch_size: [2")
+    path = with_line(tmp_path, "  warmup_steps: 100", "  warmup_steps: [100")
     with pytest.raises(ParamsError) as exc:
         load_params(path)
     assert "\n" not in str(exc.value) and str(exc.value).startswith(f"{path}: not valid YAML")

@@ -29,8 +29,9 @@ def make_trainer(packed: Path, tmp_path: Path, **overrides) -> Trainer:
     tmp_path.mkdir(parents=True, exist_ok=True)
     params = load_params(write_micro_params(tmp_path))
     model_cfg = load_model_config(params)
-    cfg = train_config(epochs=2, batch_size=2, lr=1e-3, backbone_lr_mult=0.1, warmup_steps=2, num_workers=0,
-                       augment=True, cache_mb=0, ckpt_every_steps=1, log_every_steps=1, **overrides)  # fmt: skip
+    cfg = train_config(**{"epochs": 2, "batch_size": 2, "lr": 1e-3, "backbone_lr_mult": 0.1, "warmup_steps": 2,
+                          "num_workers": 0, "augment": True, "cache_mb": 0, "ckpt_every_steps": 1,
+                          "log_every_steps": 1, **overrides})  # fmt: skip
     torch.manual_seed(cfg.seed)
     train = PackedMapDataset(packed, "train", DatasetOptions.from_model(model_cfg, augment=True, seed=cfg.seed))
     val = PackedMapDataset(packed, "val", DatasetOptions.from_model(model_cfg))
@@ -140,6 +141,24 @@ def test_resumed_run_writes_the_best_checkpoint_that_dvc_deleted(packed_world, t
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["metrics"] == {"mAP": 0.5} and best["train_state"]["epoch"] == 0
     assert [h["mAP"] for h in resumed.state.history] == [0.5, 0.3]
+
+
+def test_val_every_epochs_validates_every_nth_and_the_last_epoch(packed_world, tmp_path, one_thread):
+    # float.val_every_epochs: 2 over 3 epochs validates epochs 2 and 3 only; epoch 1 keeps its train loss,
+    # the best epoch is chosen among the validated ones, and the curve plot takes the gap.
+    from maptr.training.stage import best_epoch_metrics
+    from maptr.viz import learning_curve
+
+    trainer = make_trainer(packed_world, tmp_path, epochs=3, val_every_epochs=2)
+    trainer.validate = _fake_val([0.4, 0.3])  # fails with IndexError if called a third time
+    state = trainer.fit()
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert ["mAP" in h for h in state.history] == [False, True, True]
+    assert all("train_loss" in h for h in state.history)
+    assert load_checkpoint(tmp_path / "best.pt")["metrics"] == {"mAP": 0.4}
+    assert best_epoch_metrics(state.history) == {"mAP": 0.4, "best_epoch": 2, "epochs": 3}
+    learning_curve(state.history, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_divergence_message_calls_only_a_finite_checkpoint_good(packed_world, tmp_path):

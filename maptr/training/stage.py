@@ -46,7 +46,10 @@ def best_epoch_metrics(history: list[dict[str, float]]) -> dict[str, float]:
 
     The training loss and step of that epoch stay in the curve: they are not val metrics.
     """
-    best = max(history, key=lambda h: h["mAP"])
+    validated = [h for h in history if "mAP" in h]  # float.val_every_epochs may skip epochs
+    if not validated:
+        raise ValueError("no validated epoch in the history: the last epoch is always validated")
+    best = max(validated, key=lambda h: h["mAP"])
     metrics = {k: best[k] for k in best if k.startswith(("mAP", "AP_"))}
     metrics.update(best_epoch=best["epoch"], epochs=len(history))
     return metrics

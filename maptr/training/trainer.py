@@ -91,7 +91,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 class Trainer:
     """Fits ``model`` with ``criterion`` on ``train_set``, validating with ``validate(model) -> metrics``
-    after every epoch; keeps the best checkpoint by val mAP and a resumable last checkpoint.
+    after every ``cfg.val_every_epochs``-th epoch and the last; keeps the best checkpoint by val mAP (among
+    the validated epochs) and a resumable last checkpoint.
 
     Args:
         stage: name in logs and checkpoints (``float``, ``qat``).
@@ -307,8 +308,10 @@ class Trainer:
                     self._save_resume_checkpoint()
             bar.close()
             seconds = time.perf_counter() - start
+            # The last epoch is always validated: it is the one the schedule was made for.
+            validate_now = (epoch + 1) % cfg.val_every_epochs == 0 or epoch + 1 == cfg.epochs
             self.model.eval()
-            metrics = self.validate(self.model)
+            metrics = self.validate(self.model) if validate_now else {}
             mean_loss = self.state.epoch_loss_sum / max(self.state.step_in_epoch, 1)
             train_loss = mean_across_ranks({"loss": mean_loss}, ctx)["loss"]
             # No wall-clock figure in the history: it goes into every checkpoint and the DVC-tracked curve,
@@ -320,9 +323,9 @@ class Trainer:
                                      | {"epoch/train_loss": train_loss, "epoch/seconds": seconds},
                                      step=epoch + 1)  # fmt: skip
             if ctx.is_main:
-                tqdm.write(f"{self.stage} epoch {epoch + 1}: val mAP {metrics['mAP']:.4f}, loss {train_loss:.3f}, "
-                           f"{seconds:.0f} s")  # fmt: skip
-            if metrics["mAP"] > self.state.best or math.isnan(self.state.best):
+                val = f"val mAP {metrics['mAP']:.4f}" if metrics else f"no val (every {cfg.val_every_epochs} epochs)"
+                tqdm.write(f"{self.stage} epoch {epoch + 1}: {val}, loss {train_loss:.3f}, {seconds:.0f} s")
+            if metrics and (metrics["mAP"] > self.state.best or math.isnan(self.state.best)):
                 self.state.best = metrics["mAP"]
                 self._keep_best(metrics)
             self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
