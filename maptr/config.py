@@ -337,8 +337,8 @@ def load_model_config(params: dict[str, Any]) -> ModelConfig:
 def _validate_model(cfg: ModelConfig, where: str) -> None:
     if cfg.backbone not in ("resnet18", "resnet34", "resnet50"):
         raise ParamsError(f"{where}.backbone: {cfg.backbone!r} is not one of resnet18, resnet34, resnet50")
-    if cfg.feature_stride not in (8, 16, 32):
-        raise ParamsError(f"{where}.feature_stride: must be 8, 16 or 32, got {cfg.feature_stride}")
+    if cfg.feature_stride not in (4, 8, 16, 32):
+        raise ParamsError(f"{where}.feature_stride: must be 4, 8, 16 or 32, got {cfg.feature_stride}")
     if cfg.backbone_max_stride not in (8, 16, 32) or cfg.backbone_max_stride < cfg.feature_stride:
         raise ParamsError(
             f"{where}.backbone_max_stride: must be 8, 16 or 32 and >= feature_stride, got {cfg.backbone_max_stride}"

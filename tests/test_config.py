@@ -54,6 +54,12 @@ def test_presets_build_typed_model_config(tmp_path, preset):
         assert (cfg.decoder_layers, cfg.decoder_points) == (3, 8)
 
 
+def test_feature_stride_must_be_a_resnet_stage_stride(tmp_path):
+    path = write_params(tmp_path, lambda d: d["model"]["presets"]["nano"].update(feature_stride=2))
+    with pytest.raises(ParamsError, match=r"model.presets.nano.feature_stride: must be 4, 8, 16 or 32, got 2"):
+        load_model_config(load_params(path))
+
+
 def test_unknown_preset_names_choices(tmp_path):
     path = write_params(tmp_path, lambda d: d["model"].update(preset="r101"))
     with pytest.raises(ParamsError, match=r"params.yaml: model.preset: unknown preset 'r101'.*r50.*tiny"):

@@ -370,6 +370,20 @@ def test_backbone_truncation_and_strides(tiny_cfg: ModelConfig):
         build_backbone(model_config(feature_stride=16, backbone_max_stride=8))
 
 
+def test_stride_4_features_fuse_layer1_into_the_neck_and_size_the_image_mask():
+    """``feature_stride: 4`` (a measured lever, docs/training.md): the neck fuses layer1 and layer2 into a
+    map at 1/4 of the image, which the PV mask follows."""
+    cfg = model_config("nano", feature_stride=4)
+    backbone = build_backbone(cfg)
+    assert backbone.out_strides == [4, 8] and not hasattr(backbone, "layer3")
+    torch.manual_seed(0)
+    model = build_maptr(cfg).train()
+    img, lidar2img = _inputs(cfg, batch=2)
+    out = model(img, lidar2img)
+    w, h = (s // 4 for s in cfg.image_size)
+    assert out["pv_seg"].shape == (2, 6, 1, h, w)
+
+
 # --------------------------------------------------------------------------------------------------
 # Local weights
 # --------------------------------------------------------------------------------------------------
