@@ -1,17 +1,17 @@
 """How far a float checkpoint's predictions are from each GT element, per class: place, shape or rank?
 
-Three views of the val split, per class, all in the metric's chamfer distance (polylines resampled to
+Two views of the val split, per class, all in the metric's chamfer distance (polylines resampled to
 100 points, as the metric does):
 
 - nearest: for every GT element, the prediction of its class (score >= ``--min-score``) nearest to it,
   and that distance again after moving the prediction's centroid onto the GT's. A small aligned distance
   means the class is found in the wrong place; a large one, that its shape is wrong. Also the gap between
   the first and last point of predicted ped crossings (GT rings are closed).
-- floor: the distance between each GT element and its own ``num_pts_per_vec``-point resampling, the
-  target the model is trained on: what a perfect model of this preset still scores.
 - ranked: the class's predictions in score order, as many as it has GT elements; each is a hit (the
   first within 1.5 m of a GT element), a duplicate (within 1.5 m of a GT already hit), a near miss
   (1.5-3 m) or a false positive (farther).
+
+What a perfect model of the ``num_pts_per_vec``-point target would still score: target_resolution.py.
 
     python benchmarks/class_errors.py                                    # models/float-checkpoint-best.pt
     python benchmarks/class_errors.py --checkpoint other.pt --params other_params.yaml
@@ -37,7 +37,6 @@ def main() -> None:
     from maptr.classes import CLASS_NAMES
     from maptr.config import load_model_config, load_params
     from maptr.data.dataset import DatasetOptions, PackedMapDataset
-    from maptr.data.vectors import resample_polyline
     from maptr.evaluation.chamfer_ap import chamfer_distance_matrix, resample_polylines
     from maptr.evaluation.inference import evaluate_model, torch_predictor
     from maptr.evaluation.postprocess import build_postprocess
@@ -55,7 +54,7 @@ def main() -> None:
 
     classes = range(len(CLASS_NAMES))
     nearest: dict[int, list[tuple[float, float]]] = {c: [] for c in classes}
-    floor: dict[int, list[float]] = {c: [] for c in classes}
+    num_gt = {c: 0 for c in classes}
     ranked: dict[int, list[tuple[float, int]]] = {c: [] for c in classes}  # (score, 0 hit .. 3 false positive)
     gaps = []
     for pred in preds:
@@ -64,9 +63,7 @@ def main() -> None:
         for cls in classes:
             gt_vec = [v for v, label in zip(gt["vectors"], gt["labels"], strict=True) if label == cls]
             gts = resampled(gt_vec) if gt_vec else None  # (G, 100, 2)
-            if gt_vec:
-                targets = resampled([resample_polyline(np.asarray(v, np.float64), cfg.num_pts_per_vec) for v in gt_vec])
-                floor[cls] += torch.diagonal(chamfer_distance_matrix(targets, gts)).tolist()
+            num_gt[cls] += len(gt_vec)
             order = np.flatnonzero(pred["labels"] == cls)
             order = order[np.argsort(-pred["scores"][order], kind="stable")]
             if not len(order):
@@ -95,8 +92,7 @@ def main() -> None:
         gaps += [float(np.linalg.norm(v[0] - v[-1])) for v in pred["vectors"][ped]]
 
     print(f"{args.checkpoint}: val mAP {metrics['mAP']:.4f}")
-    print(f"nearest prediction (score >= {args.min_score}) per GT; "
-          f"floor = GT vs its {cfg.num_pts_per_vec}-point target")  # fmt: skip
+    print(f"nearest prediction (score >= {args.min_score}) per GT")
     for cls, name in enumerate(CLASS_NAMES):
         d = np.array(nearest[cls]).reshape(-1, 2)  # (N, [chamfer, centroid-aligned chamfer])
         ap = " / ".join(f"{metrics[f'AP_{name}_{t}']:.3f}" for t in (0.5, 1.0, 1.5))
@@ -104,11 +100,10 @@ def main() -> None:
         if len(d):
             near = (f"chamfer median {np.median(d[:, 0]):.2f} m, < 1.0 m {np.mean(d[:, 0] < 1):.2f}; "
                     f"centroid-aligned median {np.median(d[:, 1]):.2f} m")  # fmt: skip
-        print(f"  {name:<13} n={len(d):4d}  {near}; floor median {np.median(floor[cls]):.3f} m; "
-              f"AP at 0.5 / 1.0 / 1.5 m {ap}")  # fmt: skip
+        print(f"  {name:<13} n={len(d):4d}  {near}; AP at 0.5 / 1.0 / 1.5 m {ap}")
     print("top-ranked predictions, as many as the class has GT elements: hit / duplicate / near miss / false positive")
     for cls, name in enumerate(CLASS_NAMES):
-        kinds = np.array([k for _, k in sorted(ranked[cls], key=lambda r: -r[0])][: len(floor[cls])])
+        kinds = np.array([k for _, k in sorted(ranked[cls], key=lambda r: -r[0])][: num_gt[cls]])
         shares = " / ".join(f"{np.mean(kinds == k):.2f}" for k in range(4)) if len(kinds) else "-"
         print(f"  {name:<13} top {len(kinds):4d}: {shares}")
     if gaps:
