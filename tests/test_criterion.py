@@ -197,19 +197,21 @@ def weighted_criterion(weights: list[float]):
 
 def test_class_weights_scale_each_classes_instances_and_nothing_else() -> None:
     batch = gt_batch()  # sample 0: a divider polyline (class 0) and a ped crossing ring (class 1)
-    plain = build_criterion(tiny_config())(train_outputs(), batch)
-    uniform = weighted_criterion([1.0, 1.0, 1.0])(train_outputs(), batch)
-    assert all(torch.equal(plain[k], uniform[k]) for k in plain)  # all ones: MapTR's losses, same bits
+    plain = weighted_criterion([1.0, 1.0, 1.0])(train_outputs(), batch)  # all ones: MapTR's losses
     ped = weighted_criterion([1.0, 3.0, 1.0])(train_outputs(), batch)
     divider = weighted_criterion([3.0, 1.0, 1.0])(train_outputs(), batch)
+    cfg = tiny_config()
+    assert cfg.criterion.class_weights == [1.0, 1.5, 1.0]  # params.yaml: ped crossings x1.5
+    default = build_criterion(cfg)(train_outputs(), batch)
     for name in ("loss_pts", "loss_dir", "loss_pts_0", "o2m_loss_pts"):
         ring_part = (ped[name] - plain[name]).item() / 2  # weight 3 adds two more copies of the ring's term
         line_part = (divider[name] - plain[name]).item() / 2
         assert ring_part > 0 and line_part > 0
         assert ring_part + line_part == pytest.approx(plain[name].item(), rel=1e-5)
+        assert (default[name] - plain[name]).item() == pytest.approx(ring_part / 2, rel=1e-4)  # half a copy
     # Classification: only the matched queries' rows change; the background rows keep their loss.
     outputs_plain, outputs_ped = train_outputs(), train_outputs()
-    build_criterion(tiny_config())(outputs_plain, batch)["loss_cls"].backward()
+    weighted_criterion([1.0, 1.0, 1.0])(outputs_plain, batch)["loss_cls"].backward()
     weighted_criterion([1.0, 3.0, 1.0])(outputs_ped, batch)["loss_cls"].backward()
     changed = (outputs_plain["pred_logits"].grad != outputs_ped["pred_logits"].grad).any(dim=2)  # (B, Q)
     assert changed.sum().item() == 1  # the one query matched to the ring
